@@ -1,0 +1,1 @@
+"""Prefect flows that chain the tasks into the seed README's workflow."""

@@ -1,0 +1,81 @@
+"""`llama2-pipeline`: one console command, a subcommand per stage.
+
+Each stage module exposes `register(subparsers)`, which adds its subcommand with `parents=[COMMON]` and
+sets `func` to a function taking the parsed arguments and returning a dict of results. Stage modules keep
+heavy imports (MindSpore) inside those functions so `--help` stays instant.
+
+Results print as `key: value` lines, or with `--json` as one JSON object on the last line of stdout.
+A `PipelineError` prints as a one-line `error: ...` with exit status 1; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Callable, Iterable, Sequence
+
+from llama.errors import PipelineError
+
+LIBRARY_COMMANDS = (
+    "llama.download",
+    "llama.data.cli",
+    "llama.convert",
+    "llama.generate",
+    "llama.train.cli",
+    "llama.eval.cli",
+)
+
+COMMON = argparse.ArgumentParser(add_help=False)
+COMMON.add_argument("--json", action="store_true", help="print the results as one JSON object (last line)")
+COMMON.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def add_command(subparsers, name: str, func: Callable[[argparse.Namespace], dict], help: str, **kwargs):
+    """Add a subcommand that shares --json/--debug and runs `func`."""
+    parser = subparsers.add_parser(name, parents=[COMMON], help=help, description=help, **kwargs)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def build_parser(command_modules: Iterable[str] = LIBRARY_COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama2-pipeline",
+        description="Prepare data for, convert, train, merge and evaluate Llama 2 models on MindSpore.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in command_modules:
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def _print_human(result: dict) -> None:
+    for key, value in result.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, sort_keys=True)
+        print(f"{key}: {value}")
+
+
+def run(argv: Sequence[str] | None = None, command_modules: Iterable[str] = LIBRARY_COMMANDS) -> int:
+    parser = build_parser(command_modules)
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args) or {}
+    except PipelineError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, sort_keys=True, default=str))
+    else:
+        _print_human(result)
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())

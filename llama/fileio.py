@@ -1,0 +1,110 @@
+"""Checksums and atomic writes: a reader never sees a half-written file or folder."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from llama.errors import PipelineError
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in chunks so large checkpoints do not fill memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_output_free(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to replace an existing output unless the user asked for it."""
+    if Path(path).exists() and not overwrite:
+        raise PipelineError(f"output {path} already exists (use --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync and rename it into place, else delete it."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on success it replaces `path` in one rename.
+
+    Whatever fails inside the block, `path` is left as it was and the temporary folder is removed.
+    """
+    final = Path(path)
+    check_output_free(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.replace(final, trash / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file"):
+    """Load JSON, turning a missing, empty or malformed file into a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{what} {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise PipelineError(f"{what} {path} is empty")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}") from None

@@ -1,0 +1,1 @@
+"""Training: pretrain, finetune, LoRA, prefix tuning, data-parallel workers, resume, merge."""
