@@ -1,0 +1,5 @@
+"""Placeholder: this dataset's preprocessing is being written."""
+
+
+def register(subparsers) -> None:
+    """Adds `preprocess` for this dataset (not yet)."""
