@@ -1,0 +1,120 @@
+"""Content cache keys for Prefect tasks.
+
+A task's key is the sha256 of: the code version, the task's name, the *content* of its input files and
+folders, and the config values that matter. Paths never enter the key, so moving a file changes nothing
+and replacing its bytes under the same name reruns exactly what depends on it.
+
+Each task writes into `<work_dir>/<stage>/<key>`, a folder named by that same key, so a cache hit always
+points at outputs made from the same inputs. Should those outputs have been deleted or damaged, the key
+gets a suffix that misses the cache and the task runs again, writing them back in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import llama
+from llama.fileio import sha256_file
+
+ROOT = Path(__file__).resolve().parent.parent
+CODE_PACKAGES = ("llama", "tasks")
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Digest of the package version and every source file of the library and tasks.
+
+    Any code change invalidates the caches: coarse, but never stale.
+    """
+    digest = hashlib.sha256(llama.__version__.encode())
+    for package in CODE_PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            digest.update(str(path.relative_to(ROOT)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a folder's files (names relative to it and their contents).
+
+    Digests are remembered per (path, size, mtime) within a process, so a flow hashes each input once.
+    """
+    path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            digest.update(str(child.relative_to(path)).encode() + b"\0")
+            digest.update(content_digest(child).encode())
+        return digest.hexdigest()
+    raise FileNotFoundError(f"cache input {path} does not exist")
+
+
+def _paths(value: Any) -> Iterable[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return value
+    if isinstance(value, dict):
+        return [value[k] for k in sorted(value)]
+    return [value]
+
+
+def content_key(name: str, parameters: dict, file_params: Iterable[str], ignore: Iterable[str] = ()) -> str:
+    """The cache key of task `name` called with `parameters`.
+
+    `file_params` name the parameters that hold input paths (a path, a list or a dict of paths): their
+    content is hashed, not their names. `ignore` names parameters that do not change the result (the work
+    folder, an MLflow run id). Every other parameter is a config value and is hashed as JSON.
+    """
+    file_params, ignore = set(file_params), set(ignore)
+    digest = hashlib.sha256(f"{code_version()}\0{name}\0".encode())
+    for param in sorted(file_params):
+        for item in _paths(parameters.get(param)):
+            digest.update(f"{param}\0{content_digest(item)}\0".encode())
+    config = {k: v for k, v in parameters.items() if k not in file_params | ignore}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+class CachedStage:
+    """The cache rule of one stage: which parameters are input files, which do not matter, and how to
+    tell that a previous run's outputs are intact.
+
+    Use `cache_key_fn` as the task's Prefect `cache_key_fn`, and `output_dir(locals())` first thing in the
+    task body to get the key-named folder the task writes to.
+    """
+
+    def __init__(self, stage: str, file_params: Iterable[str] = (), ignore: Iterable[str] = ("work_dir", "run_id"),
+                 outputs_valid: Callable[[Path], bool] | None = None):
+        self.stage = stage
+        self.file_params = tuple(file_params)
+        self.ignore = tuple(ignore)
+        self.outputs_valid = outputs_valid
+
+    def key(self, parameters: dict) -> str:
+        return content_key(self.stage, parameters, self.file_params, self.ignore)
+
+    def output_dir(self, parameters: dict) -> Path:
+        """`<work_dir>/<stage>/<key>`: where a run with these parameters keeps its outputs."""
+        return Path(parameters["work_dir"]) / self.stage / self.key(parameters)[:16]
+
+    def cache_key_fn(self, context, parameters: dict) -> str:
+        key = self.key(parameters)
+        if self.outputs_valid is not None and "work_dir" in parameters:
+            folder = Path(parameters["work_dir"]) / self.stage / key[:16]
+            if not self.outputs_valid(folder):
+                return f"{key}-rebuild-{os.urandom(8).hex()}"
+        return key

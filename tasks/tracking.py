@@ -1,0 +1,97 @@
+"""MLflow tracking for flows and tasks: one parent run per flow run, a nested run per stage.
+
+Runs are addressed by id through `MlflowClient` rather than MLflow's thread-local "active run", because
+Prefect runs tasks concurrently in worker threads. The default store is a SQLite file in the working
+folder; `MLFLOW_TRACKING_URI` overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+DEFAULT_EXPERIMENT = "llama2-pipeline"
+MAX_PARAM_LENGTH = 6000
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, str]:
+    """`{"train": {"lr": 1e-4}}` → `{"train.lr": "0.0001"}`: MLflow params are flat strings."""
+    if isinstance(config, dict):
+        flat: dict[str, str] = {}
+        for key, value in config.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    value = json.dumps(config) if isinstance(config, (list, tuple)) else str(config)
+    return {prefix.rstrip("."): value[:MAX_PARAM_LENGTH]}
+
+
+class Run:
+    """One MLflow run, addressed by id so any thread or process can log to it."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.client = client()
+
+    @classmethod
+    def start(cls, name: str, experiment: str = DEFAULT_EXPERIMENT, parent: "Run | str | None" = None,
+              tags: dict[str, str] | None = None) -> "Run":
+        mlflow_client = client()
+        found = mlflow_client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else mlflow_client.create_experiment(experiment)
+        all_tags = {"mlflow.runName": name, **(tags or {})}
+        if parent is not None:
+            all_tags["mlflow.parentRunId"] = parent.run_id if isinstance(parent, Run) else parent
+        run = mlflow_client.create_run(experiment_id, tags=all_tags, run_name=name)
+        return cls(run.info.run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        batch = [Param(key, value) for key, value in flat.items()]
+        for start in range(0, len(batch), 100):
+            self.client.log_batch(self.run_id, params=batch[start:start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()
+                 if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, paths: Iterable[str | os.PathLike], artifact_path: str | None = None) -> None:
+        for path in paths:
+            self.log_artifact(path, artifact_path)
+
+    def log_dict(self, data: Any, name: str) -> None:
+        """Log a JSON document as an artifact file called `name`."""
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / name
+            target.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+            self.log_artifact(target)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,47 @@
+"""Cache keys come from content, config values and code, never from paths."""
+
+import shutil
+
+from tasks.cache import CachedStage, content_key
+
+STAGE = CachedStage("demo", file_params=("data",), outputs_valid=lambda folder: (folder / "done").exists())
+
+
+def test_key_follows_content_not_path(tmp_path):
+    first, second = tmp_path / "a.txt", tmp_path / "b" / "renamed.txt"
+    first.write_text("same bytes")
+    second.parent.mkdir()
+    shutil.copy(first, second)
+    assert STAGE.key({"data": first, "n": 1}) == STAGE.key({"data": second, "n": 1})
+    second.write_text("other bytes")
+    assert STAGE.key({"data": first, "n": 1}) != STAGE.key({"data": second, "n": 1})
+
+
+def test_key_follows_config_values_but_not_ignored_ones(tmp_path):
+    data = tmp_path / "a.txt"
+    data.write_text("x")
+    base = {"data": data, "n": 1, "work_dir": tmp_path / "w1", "run_id": "r1"}
+    assert STAGE.key(base) == STAGE.key({**base, "work_dir": tmp_path / "w2", "run_id": "r2"})
+    assert STAGE.key(base) != STAGE.key({**base, "n": 2})
+
+
+def test_folder_inputs_hash_every_file(tmp_path):
+    folder = tmp_path / "records"
+    folder.mkdir()
+    (folder / "part").write_bytes(b"\x00" * 10)
+    before = content_key("s", {"data": folder}, ["data"])
+    (folder / "part").write_bytes(b"\x00" * 9 + b"\x01")
+    assert content_key("s", {"data": folder}, ["data"]) != before
+
+
+def test_missing_outputs_miss_the_cache(tmp_path):
+    data = tmp_path / "a.txt"
+    data.write_text("x")
+    params = {"data": data, "work_dir": tmp_path / "work"}
+    missing = STAGE.cache_key_fn(None, params)
+    assert missing != STAGE.key(params) and missing.startswith(STAGE.key(params))
+    out = STAGE.output_dir(params)
+    out.mkdir(parents=True)
+    (out / "done").write_text("")
+    assert STAGE.cache_key_fn(None, params) == STAGE.key(params)
+    assert out.parent.parent == tmp_path / "work"
