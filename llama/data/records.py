@@ -1,0 +1,157 @@
+"""MindRecord output with a manifest of checksums, and the only sanctioned ways to read it back.
+
+MindRecord has no checksums of its own and a damaged file can crash MindSpore's reader, so every folder
+written here carries `manifest.json` (rows, columns, tokenizer and source sha256s, statistics, and the size
+and sha256 of every file), and `open_dataset`/`read_columns` check the files against it before MindSpore
+opens them. The folder appears in one rename, so a reader never sees half of it.
+
+Layout of a folder (kind "wiki", seq_length 4096):
+    wiki4096.mindrecord, wiki4096.mindrecord.db   MindFormers' format: int32 columns of shape [-1]
+    rows.parquet                                    the same rows, for tools without MindSpore
+    manifest.json                                   written last
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from llama.data.tokenizer import Tokenizer
+from llama.errors import PipelineError
+from llama.fileio import atomic_dir, read_json, sha256_file, write_json_atomic
+
+FORMAT = "llama2-pipeline records 1"
+MANIFEST = "manifest.json"
+PARQUET = "rows.parquet"
+IGNORE_ID = -100  # label value MindFormers leaves out of the loss
+WRITE_BATCH = 1024  # rows per FileWriter call
+
+
+def write_records(out_dir: str | os.PathLike, columns: dict[str, np.ndarray], *, kind: str, seq_length: int,
+                  tokenizer: Tokenizer, sources: dict[str, str], stats: dict, overwrite: bool = False,
+                  extra_files: dict[str, Path] | None = None, file_name: str | None = None) -> dict:
+    """Write `columns` (each [rows, row_length], same row count) as MindRecord plus manifest; return it.
+
+    `file_name` defaults to MindFormers' habit, e.g. `wiki4096.mindrecord`. `stats` (the kind's own counts)
+    go into the manifest next to `dropped`/`truncated`, which default to 0.
+    """
+    arrays = {name: _int32_rows(name, values) for name, values in columns.items()}
+    row_counts = {len(values) for values in arrays.values()}
+    if len(row_counts) != 1:
+        raise ValueError(f"columns have different row counts: { {k: len(v) for k, v in arrays.items()} }")
+    if not row_counts or 0 in row_counts:
+        raise PipelineError(f"nothing to write to {out_dir}: no rows")
+    file_name = file_name or f"{kind}{seq_length}.mindrecord"
+    extra_files = extra_files or {}
+    with atomic_dir(out_dir, overwrite) as tmp:
+        _write_mindrecord(tmp / file_name, arrays, kind)
+        _write_parquet(tmp / PARQUET, arrays)
+        for name, source in extra_files.items():
+            shutil.copyfile(source, tmp / name)
+        manifest = {
+            "format": FORMAT,
+            "kind": kind,
+            "rows": row_counts.pop(),
+            "seq_length": seq_length,
+            "columns": {name: _column_stats(values) for name, values in arrays.items()},
+            "tokenizer": {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
+                          "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
+            "sources": dict(sources),
+            "stats": {"dropped": 0, "truncated": 0, **stats},
+            "mindrecord": file_name,
+            "files": {path.name: {"size": path.stat().st_size, "sha256": sha256_file(path)}
+                      for path in sorted(tmp.iterdir())},
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def verify(out_dir: str | os.PathLike) -> dict:
+    """Check every file listed in the manifest (sizes first, then sha256s) and return the manifest."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise PipelineError(f"records folder {out} does not exist")
+    manifest = read_json(out / MANIFEST, "manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or not isinstance(manifest.get("files"), dict) or manifest.get("mindrecord") not in manifest["files"]:
+        raise PipelineError(f"{out / MANIFEST} is not a records manifest of this pipeline")
+    files = manifest["files"]
+    for name, info in files.items():
+        path = out / name
+        if Path(name).name != name:
+            raise PipelineError(f"{out / MANIFEST} lists a file outside its folder: {name}")
+        if not path.is_file():
+            raise PipelineError(f"{path} is missing")
+        if path.stat().st_size != info["size"]:
+            raise PipelineError(f"{path} has {path.stat().st_size} bytes, the manifest says {info['size']}")
+    for name, info in files.items():
+        if sha256_file(out / name) != info["sha256"]:
+            raise PipelineError(f"{out / name} does not match the sha256 in its manifest (damaged or changed)")
+    return manifest
+
+
+def open_dataset(out_dir: str | os.PathLike, columns: list[str] | None = None, shuffle: bool = False,
+                 num_shards: int | None = None, shard_id: int | None = None):
+    """A `mindspore.dataset.MindDataset` over the verified folder."""
+    import mindspore.dataset as ds
+
+    manifest = verify(out_dir)
+    unknown = sorted(set(columns or ()) - set(manifest["columns"]))
+    if unknown:
+        raise PipelineError(f"{out_dir} has no column {', '.join(unknown)} (it has {', '.join(manifest['columns'])})")
+    return ds.MindDataset(dataset_files=[str(Path(out_dir) / manifest["mindrecord"])], columns_list=columns,
+                          shuffle=shuffle, num_shards=num_shards, shard_id=shard_id)
+
+
+def read_columns(out_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every row of the verified folder, read by MindSpore, as one [rows, row_length] array per column."""
+    dataset = open_dataset(out_dir)
+    rows = {name: [] for name in dataset.get_col_names()}
+    for row in dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
+        for name, values in row.items():
+            rows[name].append(values)
+    return {name: np.stack(values) for name, values in rows.items()}
+
+
+def _int32_rows(name: str, values) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 2:
+        raise ValueError(f"column {name} must be [rows, row_length], got shape {array.shape}")
+    if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"column {name} has values outside int32")
+    return array.astype(np.int32, copy=False)
+
+
+def _column_stats(values: np.ndarray) -> dict:
+    """Shape and token statistics of one column, for reports and sanity checks."""
+    return {
+        "dtype": "int32",
+        "row_length": int(values.shape[1]),
+        "min": int(values.min()) if values.size else None,
+        "max": int(values.max()) if values.size else None,
+        "ignored": int((values == IGNORE_ID).sum()),
+    }
+
+
+def _write_mindrecord(path: Path, arrays: dict[str, np.ndarray], kind: str) -> None:
+    from mindspore.mindrecord import FileWriter
+
+    writer = FileWriter(file_name=str(path), shard_num=1)
+    writer.add_schema({name: {"type": "int32", "shape": [-1]} for name in arrays}, kind)
+    rows = len(next(iter(arrays.values())))
+    for first in range(0, rows, WRITE_BATCH):
+        last = min(first + WRITE_BATCH, rows)
+        writer.write_raw_data([{name: values[i] for name, values in arrays.items()} for i in range(first, last)])
+    writer.commit()
+
+
+def _write_parquet(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+                      for name, values in arrays.items()})
+    pq.write_table(table, path, compression="zstd")
