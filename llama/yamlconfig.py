@@ -1,0 +1,53 @@
+"""Declarative YAML configs with `key.path=value` overrides from the command line."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+
+from llama.errors import PipelineError
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping, with a one-line error for a missing, empty or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise PipelineError(f"config {path} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"config {path} must be a mapping of settings")
+    return data
+
+
+def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
+    """Return a copy of `config` with each `a.b.c=value` set; values are parsed as YAML (numbers, lists...)."""
+    config = copy.deepcopy(config)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise PipelineError(f"override {item!r} is not of the form key.path=value")
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise PipelineError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    return config
+
+
+def resolve_path(value: str | os.PathLike, base: str | os.PathLike) -> Path:
+    """A path from a config file, relative to that file's folder unless absolute."""
+    path = Path(os.path.expanduser(str(value)))
+    return path if path.is_absolute() else Path(base) / path
+
