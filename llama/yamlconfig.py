@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -12,13 +13,29 @@ import yaml
 from llama.errors import PipelineError
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-4` as a string; learning rates are written that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     """Read a YAML mapping, with a one-line error for a missing, empty or malformed file."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"config {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -42,7 +59,7 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
             if not isinstance(child, dict):
                 raise PipelineError(f"override {item!r}: {part} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = parse_yaml(raw)
     return config
 
 
