@@ -69,6 +69,19 @@ def write_records(out_dir: str | os.PathLike, columns: dict[str, np.ndarray], *,
     return manifest
 
 
+def summarize(out_dir: str | os.PathLike, manifest: dict) -> dict:
+    """The few manifest facts a person or a flow wants after writing or checking a folder."""
+    return {
+        "output": str(out_dir),
+        "kind": manifest["kind"],
+        "rows": manifest["rows"],
+        "row_length": {name: column["row_length"] for name, column in manifest["columns"].items()},
+        "mindrecord": str(Path(out_dir) / manifest["mindrecord"]),
+        "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+        **manifest["stats"],
+    }
+
+
 def verify(out_dir: str | os.PathLike) -> dict:
     """Check every file listed in the manifest (sizes first, then sha256s) and return the manifest."""
     out = Path(out_dir)

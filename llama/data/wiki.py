@@ -1,5 +1,136 @@
-"""Placeholder: this dataset's preprocessing is being written."""
+"""WikiText-2 → MindRecord rows of token ids, in one of two conventions.
+
+`mindformers` (training and MindFormers' PerplexityMetric) reproduces `llama_preprocess.py --dataset_type
+wiki` record for record: lm-eval's WikiText detokenizer, paragraphs split on blank lines, headings (`=`)
+dropped, every paragraph encoded with BOS and EOS by MindFormers' tokenizer (literal `<unk>` → id 0), all
+concatenated and cut into rows of `seq_length + 1` tokens — the model reads `row[:-1]` and predicts
+`row[1:]`, `seq_length` predictions per row.
+
+`standard` (the GPTQ/AWQ perplexity behind "Llama-2-7B = 5.47"): the raw file's lines, as Hugging Face's
+wikitext dataset yields them (blank lines as ""), joined with "\\n\\n", encoded once by plain sentencepiece
+(no special-token splitting) with one BOS in front, and cut into non-overlapping windows of exactly
+`seq_length` tokens — the model reads the whole window and its loss covers the last `seq_length - 1`.
+
+Both drop the last partial row; `stats.dropped` counts its tokens.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+
+from llama.cli import add_command
+from llama.data.records import summarize, write_records
+from llama.data.tokenizer import Tokenizer
+from llama.errors import PipelineError
+from llama.fileio import check_output_free, sha256_file
+from llama.progress import Progress
+
+MODES = ("mindformers", "standard")
+
+# lm-eval's `wikitext_detokenizer` (which MindFormers copies as `clean_wikitext`), as ordered replacements.
+_DETOKENIZE = [
+    ("s '", "s'"),
+    (re.compile(r"/' [0-9]/"), r"/'[0-9]/"),
+    (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."),
+    (" : ", ": "), (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", "),
+    (re.compile(r"\(\s*([^\)]*?)\s*\)"), r"(\1)"),
+    (re.compile(r"\[\s*([^\]]*?)\s*\]"), r"[\1]"),
+    (re.compile(r"{\s*([^}]*?)\s*}"), r"{\1}"),
+    (re.compile(r"\"\s*([^\"]*?)\s*\""), r'"\1"'),
+    (re.compile(r"'\s*([^']*?)\s*'"), r"'\1'"),
+    ("= = = =", "===="), ("= = =", "==="), ("= =", "=="),
+    (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"),
+    (" \n", "\n"), ("\n ", "\n"),
+    (" N ", " 1 "), (" 's", "'s"),
+]
+
+
+def wikitext_detokenize(text: str) -> str:
+    """Undo WikiText's tokenization spacing (`3 @.@ 5` → `3.5`, `( x )` → `(x)`) as lm-eval does."""
+    for pattern, replacement in _DETOKENIZE:
+        text = pattern.sub(replacement, text) if isinstance(pattern, re.Pattern) else text.replace(pattern, replacement)
+    return text
+
+
+def mindformers_paragraphs(text: str) -> tuple[list[str], int]:
+    """MindFormers' paragraphs (unstripped, whitespace-only ones kept) and the number of headings dropped."""
+    kept, headings = [], 0
+    for paragraph in wikitext_detokenize(text).split("\n\n"):
+        if paragraph.strip().startswith("="):
+            headings += 1
+        elif paragraph:
+            kept.append(paragraph)
+    return kept, headings
+
+
+def standard_text(text: str) -> str:
+    """The GPTQ/AWQ evaluation text: Hugging Face wikitext rows (a line each, blank ones "") joined by blank lines."""
+    return "\n\n".join(line if line.strip() else "" for line in io.StringIO(text))
+
+
+def preprocess_wiki(input: str | Path, tokenizer: str | Path | Tokenizer, seq_length: int, output: str | Path,
+                    mode: str = "mindformers", overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Tokenize a WikiText file into rows (see the module docstring) and write them; return the manifest."""
+    input, output = Path(input), Path(output)
+    if mode not in MODES:
+        raise PipelineError(f"unknown wiki mode {mode!r} (choose from {', '.join(MODES)})")
+    if seq_length < 2:
+        raise PipelineError(f"seq length must be at least 2, got {seq_length}")
+    check_output_free(output, overwrite)
+    text = _read_text(input)
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = Tokenizer(tokenizer)
+
+    if mode == "mindformers":
+        paragraphs, headings = mindformers_paragraphs(text)
+        with Progress("tokenize wiki", total=len(paragraphs), unit="paragraphs", enabled=show_progress) as progress:
+            ids, _ = tokenizer.encode_flat(paragraphs, bos=True, eos=True, progress=progress)
+        row_length = seq_length + 1
+        counts = {"paragraphs": len(paragraphs), "headings": headings}
+    else:
+        ids, _ = tokenizer.encode_flat([standard_text(text)], bos=True, split_special=False)
+        row_length = seq_length
+        counts = {}
+
+    rows = len(ids) // row_length
+    if rows == 0:
+        raise PipelineError(f"input {input} gives {len(ids)} tokens, fewer than one row of {row_length}")
+    return write_records(
+        output, {"input_ids": ids[:rows * row_length].reshape(rows, row_length)},
+        kind="wiki", seq_length=seq_length, tokenizer=tokenizer, overwrite=overwrite,
+        sources={input.name: sha256_file(input)},
+        stats={"mode": mode, "tokens": int(len(ids)), "dropped": int(len(ids) - rows * row_length), **counts},
+    )
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise PipelineError(f"input {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"input {path} is not UTF-8 text (byte {err.start})") from None
+    if not text.strip():
+        raise PipelineError(f"input {path} is empty")
+    return text
+
+
+def _run(args) -> dict:
+    manifest = preprocess_wiki(args.input, args.tokenizer, args.seq_length, args.output, args.mode, args.overwrite)
+    return summarize(args.output, manifest)
 
 
 def register(subparsers) -> None:
-    """Adds `preprocess` for this dataset (not yet)."""
+    parser = add_command(subparsers, "wiki", _run, help="WikiText-2 → MindRecord rows for training or perplexity")
+    parser.add_argument("--input", required=True, type=Path, help="a wiki.{train,valid,test}.tokens file")
+    parser.add_argument("--tokenizer", required=True, type=Path, help="sentencepiece tokenizer.model")
+    parser.add_argument("--seq-length", required=True, type=int,
+                        help="mindformers: rows of seq_length+1 tokens; standard: windows of seq_length")
+    parser.add_argument("--output", required=True, type=Path, help="output folder (written atomically)")
+    parser.add_argument("--mode", choices=MODES, default="mindformers",
+                        help="mindformers: as llama_preprocess.py; standard: the GPTQ/AWQ perplexity windows")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
