@@ -1,0 +1,229 @@
+"""Model shapes and dtypes: one `ModelConfig`, read from our YAML, a Hugging Face `config.json`, or the
+`model.model_config` section of a MindFormers YAML.
+
+    ModelConfig.named("llama2_7b")            # configs/model/llama2_7b.yaml
+    ModelConfig.from_yaml(path)               # our own YAML (the fields below)
+    ModelConfig.from_hf_config(path_or_dict)  # transformers' LlamaConfig JSON
+    ModelConfig.from_mindformers_yaml(path)   # MindFormers run/finetune YAML
+    cfg.to_dict(); cfg.to_hf_config()
+
+`param_dtype` is how weights are stored, `compute_dtype` what matmuls run in. MindSpore's CPU kernels cannot
+compute in bfloat16, so bf16 weights are cast to `compute_dtype` (float32 by default) on the fly; on Ascend
+`compute_dtype: bfloat16` works as written. Norms, softmax and rotary tables always run in float32, as in
+Hugging Face's implementation, which the tests compare against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from llama.errors import PipelineError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def llama_intermediate_size(hidden_size: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
+    """Meta's (and MindFormers') rule for the SwiGLU width: 2/3 of 4*hidden, scaled, rounded up."""
+    width = int(2 * 4 * hidden_size / 3)
+    if ffn_dim_multiplier is not None:
+        width = int(ffn_dim_multiplier * width)
+    return multiple_of * ((width + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int | None = None
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise PipelineError(f"model config: {name} {getattr(self, name)!r} is not one of {', '.join(DTYPES)}")
+        if self.hidden_size % self.num_heads:
+            raise PipelineError(f"model config: hidden_size {self.hidden_size} is not divisible by "
+                                f"num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise PipelineError(f"model config: num_heads {self.num_heads} is not divisible by "
+                                f"num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "model config") -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PipelineError(f"{source}: unknown keys {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(_load_yaml(path), source=str(path))
+
+    @classmethod
+    def named(cls, name: str) -> "ModelConfig":
+        """A config shipped in configs/model/, e.g. "tiny", "llama2_7b"."""
+        path = CONFIG_DIR / f"{name}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+            raise PipelineError(f"no model config named {name!r} (known: {known})")
+        return cls.from_yaml(path)
+
+    @classmethod
+    def load(cls, spec: str | Path) -> "ModelConfig":
+        """A path to our YAML, a HF config.json, a MindFormers YAML, or the name of a shipped config."""
+        path = Path(spec)
+        if not path.exists():
+            return cls.named(str(spec))
+        if path.suffix == ".json":
+            return cls.from_hf_config(path)
+        data = _load_yaml(path)
+        if "model" in data:
+            return cls.from_mindformers_yaml(path)
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_hf_config(cls, config: str | Path | dict) -> "ModelConfig":
+        """Read transformers' LlamaConfig (config.json); rope scaling and biases are not supported."""
+        source = "Hugging Face config"
+        if not isinstance(config, dict):
+            source = str(config)
+            try:
+                config = json.loads(Path(config).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as err:
+                raise PipelineError(f"cannot read {config}: {err}") from None
+        if config.get("model_type", "llama") != "llama":
+            raise PipelineError(f"{source}: model_type {config['model_type']!r} is not llama")
+        for flag in ("attention_bias", "mlp_bias"):
+            if config.get(flag):
+                raise PipelineError(f"{source}: {flag} is not supported")
+        if config.get("rope_scaling"):
+            raise PipelineError(f"{source}: rope_scaling is not supported")
+        heads = config["num_attention_heads"]
+        if config.get("head_dim") not in (None, config["hidden_size"] // heads):
+            raise PipelineError(f"{source}: head_dim {config['head_dim']} is not hidden_size / num_attention_heads")
+        dtype = config.get("torch_dtype") or "float32"
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=config.get("rope_theta", 10000.0),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            bos_token_id=_token_id(config.get("bos_token_id"), 1),
+            eos_token_id=_token_id(config.get("eos_token_id"), 2),
+            pad_token_id=_token_id(config.get("pad_token_id"), 0),
+            param_dtype=dtype if dtype in DTYPES else "float32",
+        )
+
+    def to_hf_config(self) -> dict:
+        """transformers' LlamaConfig as JSON, so a model trained here loads with from_pretrained."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            "hidden_act": "silu",
+            "initializer_range": 0.02,
+            "pretraining_tp": 1,
+            "rope_scaling": None,
+            "use_cache": True,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.param_dtype,
+        }
+
+    @classmethod
+    def from_mindformers_yaml(cls, path: str | Path) -> "ModelConfig":
+        """Read `model.model_config` of a MindFormers YAML (LlamaConfig: multiple_of, n_kv_heads, theta ...)."""
+        data = _load_yaml(path)
+        mf = (data.get("model") or {}).get("model_config")
+        if not isinstance(mf, dict):
+            raise PipelineError(f"{path}: no model.model_config section")
+        if mf.get("qkv_concat"):
+            raise PipelineError(f"{path}: qkv_concat checkpoints are not supported")
+        hidden = mf["hidden_size"]
+        intermediate = mf.get("intermediate_size") or llama_intermediate_size(
+            hidden, mf.get("multiple_of", 256), mf.get("ffn_dim_multiplier"))
+        param_dtype = mf.get("param_init_type", "float32")
+        compute_dtype = mf.get("compute_dtype", "float32")
+        return cls(
+            vocab_size=mf.get("vocab_size", 32000),
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_layers=mf["num_layers"],
+            num_heads=mf["num_heads"],
+            num_kv_heads=mf.get("n_kv_heads") or mf["num_heads"],
+            max_position_embeddings=mf.get("seq_length", 4096),
+            rms_norm_eps=float(mf.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(mf.get("theta", 10000.0)),
+            tie_word_embeddings=bool(mf.get("tie_word_embeddings", False)),
+            bos_token_id=mf.get("bos_token_id", 1),
+            eos_token_id=_token_id(mf.get("eos_token_id"), 2),
+            pad_token_id=mf.get("pad_token_id", 0),
+            param_dtype=param_dtype,
+            compute_dtype=compute_dtype,
+        )
+
+
+def _token_id(value, default: int) -> int:
+    """HF allows a list of ids (several EOS tokens); the first is the one we stop on."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return default if value is None else int(value)
+
+
+def _load_yaml(path: str | Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise PipelineError(f"cannot read model config {path}: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"model config {path} is not a mapping")
+    return data

@@ -1,0 +1,247 @@
+"""Llama 2 decoder in MindSpore, in one file, with MindFormers' parameter names.
+
+    model = LlamaForCausalLM(ModelConfig.named("tiny"))
+    logits = model(input_ids)                     # int32 [batch, seq] -> float32 [batch, seq, vocab]
+
+Parameter names equal MindFormers' (`model.tok_embeddings.embedding_weight`,
+`model.layers.{i}.attention.wq.weight`, `...feed_forward.w1.weight`, `model.norm_out.weight`,
+`lm_head.weight`), so a MindFormers checkpoint loads as it is. Weights use the Hugging Face / MindFormers
+rotary layout (rotate-half, not Meta's interleaved pairs); llama/checkpoint.py permutes Meta and llama2.c
+weights on conversion.
+
+Extension points for other stages:
+- LoRA: `attention.wq/wk/wv/wo` are `Linear` cells (weight [out, in] named `weight`); replace one with a
+  wrapper whose construct adds the low-rank path.
+- Prefix tuning: `construct(input_ids, prefix_key_values=...)` takes one (key, value) pair per layer, each
+  [batch, num_kv_heads, prefix_len, head_dim]; every query attends to all prefix positions.
+- Generation: `init_kv_cache(batch, length)` and `decode(...)` run with a fixed-size KV cache, so prefill and
+  every decode step have static shapes and compile once each (see llama/generate.py).
+
+Shapes in comments: B batch, S new tokens, L keys visible (cache length, plus prefix), H query heads,
+K kv heads, D head_dim, E hidden size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, One, initializer
+
+from llama.config import ModelConfig
+
+MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+NEG_INF = -1e9  # finite, so a fully masked row (a padding query) gives a uniform softmax, not NaN
+
+
+class Linear(nn.Cell):
+    """y = x @ weight.T without bias; weight [out, in] is stored in param_dtype, used in compute_dtype."""
+
+    def __init__(self, in_features: int, out_features: int, param_dtype, compute_dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.weight = Parameter(initializer(Normal(0.02), [out_features, in_features], param_dtype), name="weight")
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        out = self.matmul(x.reshape(-1, self.in_features).astype(self.compute_dtype),
+                          self.weight.astype(self.compute_dtype))
+        return out.reshape(x.shape[:-1] + (self.out_features,))
+
+
+class Embedding(nn.Cell):
+    def __init__(self, vocab_size: int, hidden_size: int, param_dtype, compute_dtype):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        # MindSpore's CPU Gather has no bfloat16 kernel: cast the table first when it is stored as bf16.
+        self.cast_table_first = param_dtype == ms.bfloat16
+        self.embedding_weight = Parameter(initializer(Normal(0.02), [vocab_size, hidden_size], param_dtype),
+                                          name="embedding_weight")
+
+    def construct(self, input_ids):
+        if self.cast_table_first:
+            return ops.gather(self.embedding_weight.astype(self.compute_dtype), input_ids, 0)
+        return ops.gather(self.embedding_weight, input_ids, 0).astype(self.compute_dtype)
+
+
+class RMSNorm(nn.Cell):
+    """x / rms(x) * weight, normalised in float32 as Hugging Face does, whatever the compute dtype."""
+
+    def __init__(self, hidden_size: int, eps: float, param_dtype, compute_dtype):
+        super().__init__()
+        self.eps, self.compute_dtype = eps, compute_dtype
+        self.weight = Parameter(initializer(One(), [hidden_size], param_dtype), name="weight")
+
+    def construct(self, x):
+        h = x.astype(ms.float32)
+        h = h * ops.rsqrt(ops.mean(h * h, -1, True) + self.eps)
+        return self.weight.astype(self.compute_dtype) * h.astype(self.compute_dtype)
+
+
+def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [max_positions, D] for the rotate-half layout: frequencies repeated over both halves."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    angles = np.outer(np.arange(max_positions, dtype=np.float32), inv_freq)
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rotary(x, cos, sin):
+    """x [B, heads, S, D] rotated by position: x*cos + rotate_half(x)*sin, cos/sin [B, 1, S, D]."""
+    half = x.shape[-1] // 2
+    rotated = ops.concat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Cell):
+    """Grouped-query attention: K kv heads, each shared by H/K query heads."""
+
+    def __init__(self, config: ModelConfig, param_dtype, compute_dtype):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.compute_dtype = compute_dtype
+        hidden, kv_width = config.hidden_size, config.num_kv_heads * config.head_dim
+        self.wq = Linear(hidden, hidden, param_dtype, compute_dtype)
+        self.wk = Linear(hidden, kv_width, param_dtype, compute_dtype)
+        self.wv = Linear(hidden, kv_width, param_dtype, compute_dtype)
+        self.wo = Linear(hidden, hidden, param_dtype, compute_dtype)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    def _heads(self, x, heads):
+        batch, seq, _ = x.shape
+        return x.reshape(batch, seq, heads, self.head_dim).transpose(0, 2, 1, 3)
+
+    def _repeat_kv(self, x):
+        """[B, K, L, D] -> [B, H, L, D]: query head h uses kv head h // (H/K), as in Hugging Face."""
+        groups = self.num_heads // self.num_kv_heads
+        if groups == 1:
+            return x
+        batch, kv_heads, length, dim = x.shape
+        x = ops.broadcast_to(x.reshape(batch, kv_heads, 1, length, dim), (batch, kv_heads, groups, length, dim))
+        return x.reshape(batch, kv_heads * groups, length, dim)
+
+    def construct(self, x, cos, sin, mask, kv_cache=None, cache_write=None, prefix_kv=None):
+        """x [B, S, E]; mask additive float32 [B or 1, 1, S, L]; kv_cache (k, v) [B, K, cache_len, D] with
+        cache_write (keep [cache_len, 1], write [cache_len, S]) placing the S new keys into the cache.
+        Returns the output [B, S, E] and the updated cache (or None)."""
+        batch, seq, _ = x.shape
+        q = apply_rotary(self._heads(self.wq(x), self.num_heads), cos, sin)
+        k = apply_rotary(self._heads(self.wk(x), self.num_kv_heads), cos, sin)
+        v = self._heads(self.wv(x), self.num_kv_heads)
+        new_cache = None
+        if kv_cache is not None:
+            keep, write = cache_write
+            k = kv_cache[0] * keep + ops.matmul(write, k)
+            v = kv_cache[1] * keep + ops.matmul(write, v)
+            new_cache = (k, v)
+        if prefix_kv is not None:
+            k = ops.concat([prefix_kv[0].astype(self.compute_dtype), k], 2)
+            v = ops.concat([prefix_kv[1].astype(self.compute_dtype), v], 2)
+        k, v = self._repeat_kv(k), self._repeat_kv(v)
+        scores = ops.matmul(q, k.swapaxes(-1, -2)) * self.scale          # [B, H, S, L]
+        probs = ops.softmax(scores.astype(ms.float32) + mask, -1).astype(self.compute_dtype)
+        out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(batch, seq, -1)
+        return self.wo(out), new_cache
+
+
+class FeedForward(nn.Cell):
+    """SwiGLU: w2(silu(w1 x) * w3 x); MindFormers' w1/w3/w2 are HF's gate/up/down projections."""
+
+    def __init__(self, config: ModelConfig, param_dtype, compute_dtype):
+        super().__init__()
+        self.w1 = Linear(config.hidden_size, config.intermediate_size, param_dtype, compute_dtype)
+        self.w2 = Linear(config.intermediate_size, config.hidden_size, param_dtype, compute_dtype)
+        self.w3 = Linear(config.hidden_size, config.intermediate_size, param_dtype, compute_dtype)
+
+    def construct(self, x):
+        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+
+
+class DecoderLayer(nn.Cell):
+    def __init__(self, config: ModelConfig, param_dtype, compute_dtype):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype, compute_dtype)
+        self.attention = Attention(config, param_dtype, compute_dtype)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype, compute_dtype)
+        self.feed_forward = FeedForward(config, param_dtype, compute_dtype)
+
+    def construct(self, x, cos, sin, mask, kv_cache=None, cache_write=None, prefix_kv=None):
+        attended, new_cache = self.attention(self.attention_norm(x), cos, sin, mask, kv_cache, cache_write, prefix_kv)
+        h = x + attended
+        return h + self.feed_forward(self.ffn_norm(h)), new_cache
+
+
+class LlamaModel(nn.Cell):
+    """Embeddings, decoder layers and the final norm (MindFormers' `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig, param_dtype, compute_dtype):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.tok_embeddings = Embedding(config.vocab_size, config.hidden_size, param_dtype, compute_dtype)
+        self.layers = nn.CellList([DecoderLayer(config, param_dtype, compute_dtype)
+                                   for _ in range(config.num_layers)])
+        self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype, compute_dtype)
+        cos, sin = rotary_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.cos, self.sin = Tensor(cos), Tensor(sin)
+
+    def construct(self, input_ids, positions, mask, kv_caches=None, cache_write=None, prefix_key_values=None):
+        """positions int32 [B or 1, S] index the rotary tables; returns hidden [B, S, E] and new caches."""
+        h = self.tok_embeddings(input_ids)
+        cos = ops.gather(self.cos, positions, 0).astype(self.compute_dtype).expand_dims(1)   # [B, 1, S, D]
+        sin = ops.gather(self.sin, positions, 0).astype(self.compute_dtype).expand_dims(1)
+        new_caches = ()
+        for i, layer in enumerate(self.layers):
+            kv_cache = None if kv_caches is None else kv_caches[i]
+            prefix_kv = None if prefix_key_values is None else prefix_key_values[i]
+            h, cache = layer(h, cos, sin, mask, kv_cache, cache_write, prefix_kv)
+            new_caches += (cache,)
+        return self.norm_out(h), new_caches
+
+
+class LlamaForCausalLM(nn.Cell):
+    """The decoder plus the output projection (`lm_head`, or the embedding when tied)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        param_dtype = MS_DTYPES[config.param_dtype]
+        self.compute_dtype = MS_DTYPES[config.compute_dtype]
+        self.model = LlamaModel(config, param_dtype, self.compute_dtype)
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            config.hidden_size, config.vocab_size, param_dtype, self.compute_dtype)
+        self.vocab_matmul = ops.MatMul(transpose_b=True)
+
+    def logits(self, hidden):
+        """[..., E] -> float32 [..., V]."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden).astype(ms.float32)
+        weight = self.model.tok_embeddings.embedding_weight.astype(self.compute_dtype)
+        out = self.vocab_matmul(hidden.reshape(-1, hidden.shape[-1]), weight)
+        return out.reshape(hidden.shape[:-1] + (-1,)).astype(ms.float32)
+
+    def construct(self, input_ids, prefix_key_values=None):
+        """Causal forward pass over whole sequences: int32 [B, S] -> float32 logits [B, S, V]."""
+        seq = input_ids.shape[1]
+        prefix_len = 0 if prefix_key_values is None else prefix_key_values[0][0].shape[2]
+        causal = ops.triu(ops.full((seq, seq), NEG_INF, dtype=ms.float32), 1)
+        mask = ops.concat([ops.zeros((seq, prefix_len), ms.float32), causal], 1) if prefix_len else causal
+        positions = ops.arange(seq, dtype=ms.int32).expand_dims(0)
+        hidden, _ = self.model(input_ids, positions, mask.reshape(1, 1, seq, -1),
+                               prefix_key_values=prefix_key_values)
+        return self.logits(hidden)
+
+    def init_kv_cache(self, batch: int, length: int) -> tuple:
+        """Zeroed (key, value) buffers per layer, each [B, K, length, D] in the compute dtype."""
+        shape = (batch, self.config.num_kv_heads, length, self.config.head_dim)
+        return tuple((ops.zeros(shape, self.compute_dtype), ops.zeros(shape, self.compute_dtype))
+                     for _ in range(self.config.num_layers))
+
+    def decode(self, input_ids, positions, mask, cache_write, kv_caches, prefix_key_values=None):
+        """One prefill or decode step against the KV cache: input_ids [B, S], positions [B, S],
+        mask [B, 1, S, L] additive float32, cache_write (keep [L, 1], write [L, S]) in the compute dtype.
+        Returns float32 logits of the last position [B, V] and the updated caches."""
+        hidden, new_caches = self.model(input_ids, positions, mask, kv_caches, cache_write, prefix_key_values)
+        return self.logits(hidden[:, -1]), new_caches
