@@ -1,5 +1,181 @@
-"""Placeholder: this dataset's preprocessing is being written."""
+"""`preprocess squad`: SQuAD v1.1 → prompt/answer rows in MindFormers' `squad_data_process.py` layout.
+
+Prompt: "Read the passage and answer the question below.\\n\\n### Instruction:\\n{context}\\n\\n### Input:\\n
+{question}\\n\\n### Response:". MindFormers keeps the first question and first answer of each paragraph
+(`questions="first"`); `questions="all"` keeps every question. Either way `answers.jsonl` in the output folder
+lists, per row, the question id, the question and all gold answers, so evaluation can score the official way.
+
+- eval rows (`max_length` tokens): input_ids = BOS + prompt padded with 0; labels = the first answer's ids,
+  no special tokens, padded with 0. For every prompt that fits this is MindFormers' output.
+- train rows (`max_length + 1` tokens, like every training row here): BOS + prompt + answer + EOS, labels
+  -100 on BOS, the prompt and padding. Prompt and answer are encoded apart, so the answer's tokens are the
+  ones eval labels use and the prompt/answer boundary is exact. (MindFormers encodes the joined string,
+  leaves the prompt's last token in the loss, masks rows that exactly fill the length and crashes on longer.)
+
+A prompt too long for its row loses the end of the context, so the question, "### Response:" and the answer
+survive; such rows are counted as `truncated`. When even an empty context does not fit, the prompt loses its
+beginning instead, keeping "### Response:" (and in train mode as much answer as fits); such rows, and eval
+rows whose answer is longer than the row, are counted as `clipped`. No row is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llama.data.alpaca import add_io_arguments, check_length, encode, list_field, pad, run_preprocess, text_field
+from llama.data.records import IGNORE_ID
+from llama.errors import PipelineError
+
+PROMPT = ("Read the passage and answer the question below.\n\n### Instruction:\n{context}\n\n"
+          "### Input:\n{question}\n\n### Response:")
+MODES = ("eval", "train")
+QUESTIONS = ("first", "all")
+ANSWERS_FILE = "answers.jsonl"
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    context: str
+    question: str
+    answers: tuple[str, ...]
+
+    def prompt(self, context: str | None = None) -> str:
+        return PROMPT.format(context=self.context if context is None else context, question=self.question)
+
+
+def read_squad(data, questions: str = "first") -> list[Example]:
+    """Validated examples in file order: each paragraph's first question, or all of them."""
+    if questions not in QUESTIONS:
+        raise PipelineError(f"questions must be one of {', '.join(QUESTIONS)}, got {questions!r}")
+    articles = list_field(data, "data", "SQuAD input")
+    examples = []
+    for a, article in enumerate(articles):
+        for p, paragraph in enumerate(list_field(article, "paragraphs", f"data[{a}]")):
+            where = f"data[{a}].paragraphs[{p}]"
+            context = text_field(paragraph, "context", where)
+            qas = list_field(paragraph, "qas", where)
+            if not qas:
+                raise PipelineError(f"{where} has no questions")
+            for q, qa in enumerate(qas[:1] if questions == "first" else qas):
+                answers = list_field(qa, "answers", f"{where}.qas[{q}]")
+                if not answers:
+                    raise PipelineError(f"{where}.qas[{q}] has no answers (SQuAD v1.1 has at least one)")
+                examples.append(Example(
+                    id=text_field(qa, "id", f"{where}.qas[{q}]"), context=context,
+                    question=text_field(qa, "question", f"{where}.qas[{q}]"),
+                    answers=tuple(text_field(answer, "text", f"{where}.qas[{q}].answers[{n}]")
+                                  for n, answer in enumerate(answers))))
+    if not examples:
+        raise PipelineError("SQuAD input has no paragraphs")
+    return examples
+
+
+def squad_columns(examples: list[Example], tokenizer, max_length: int, mode: str = "eval"
+                  ) -> tuple[dict[str, np.ndarray], dict]:
+    """Rows for `examples` in `mode` (see the module docstring), and their statistics."""
+    if mode not in MODES:
+        raise PipelineError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_length(max_length, "max_length")
+    train = mode == "train"
+    row_length = max_length + 1 if train else max_length
+    encoded = encode(tokenizer, [e.prompt() for e in examples] + [e.answers[0] for e in examples],
+                     "tokenizing squad")
+    prompts, answers = encoded[:len(examples)], encoded[len(examples):]
+    bos, eos, pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    stats = {"truncated": 0, "clipped": 0, "mode": mode}
+    input_rows, label_rows = [], []
+    for example, prompt, answer in zip(examples, prompts, answers):
+        # Room for the prompt: the row less BOS, and in train mode less the answer and EOS.
+        room = row_length - 1 - (len(answer) + 1 if train else 0)
+        clipped = False
+        if len(prompt) > room:
+            shortened = _shorten_context(tokenizer, example, room)
+            stats["truncated"] += shortened is not None
+            clipped = shortened is None
+            if clipped:  # not even the question fits: keep the prompt's end, with "### Response:"
+                bare = tokenizer.encode(example.prompt(context=""))
+                shortened = bare[len(bare) - max(room, 0):]
+            prompt = shortened
+        if train:
+            ids = [bos] + prompt + answer + [eos]
+            labels = [IGNORE_ID] * (1 + len(prompt)) + answer + [eos]
+            input_rows.append(pad(ids, row_length, pad_id))
+            label_rows.append(pad(labels, row_length, IGNORE_ID))
+        else:
+            clipped |= len(answer) > row_length
+            input_rows.append(pad([bos] + prompt, row_length, pad_id))
+            label_rows.append(pad(answer, row_length, pad_id))
+        stats["clipped"] += clipped
+    columns = {"input_ids": np.array(input_rows, dtype=np.int32).reshape(-1, row_length),
+               "labels": np.array(label_rows, dtype=np.int32).reshape(-1, row_length)}
+    return columns, stats
+
+
+def _shorten_context(tokenizer, example: Example, room: int) -> list[int] | None:
+    """Prompt ids of at most `room` tokens, dropping context from its end; None if even no context is too long.
+
+    The shortened context is decoded and the prompt re-encoded, so the ids are the ones its text gives.
+    """
+    context = tokenizer.encode(example.context)
+    text = example.context
+    while True:
+        prompt = tokenizer.encode(example.prompt(context=text))
+        excess = len(prompt) - room
+        if excess <= 0:
+            return prompt
+        if not context:
+            return None
+        context = context[:max(len(context) - excess, 0)]
+        text = tokenizer.decode(context).rstrip()
+
+
+def write_answers(path: Path, examples: list[Example]) -> None:
+    """One JSON line per row: row index, question id, question and every gold answer."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for row, example in enumerate(examples):
+            handle.write(json.dumps({"row": row, "id": example.id, "question": example.question,
+                                     "answers": list(example.answers)}, ensure_ascii=False) + "\n")
+
+
+def read_answers(path: str | os.PathLike) -> list[dict]:
+    """The rows of an `answers.jsonl` written here."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def preprocess_squad(input_path: str | os.PathLike, tokenizer_path: str | os.PathLike, max_length: int,
+                     output: str | os.PathLike, *, mode: str = "eval", questions: str = "first",
+                     overwrite: bool = False) -> dict:
+    """Tokenize a SQuAD v1.1 JSON file into a verified records folder with `answers.jsonl`; return statistics."""
+
+    def build(data, tokenizer, sidecar_dir: Path):
+        examples = read_squad(data, questions)
+        columns, stats = squad_columns(examples, tokenizer, max_length, mode)
+        write_answers(sidecar_dir / ANSWERS_FILE, examples)
+        return columns, {**stats, "questions": questions}, {ANSWERS_FILE: sidecar_dir / ANSWERS_FILE}
+
+    return run_preprocess(build, kind="squad", input_path=input_path, tokenizer_path=tokenizer_path,
+                          seq_length=max_length, length_flag="--max-length", output=output, overwrite=overwrite)
+
+
+def _command(args) -> dict:
+    return preprocess_squad(args.input, args.tokenizer, args.max_length, args.output, mode=args.mode,
+                            questions=args.questions, overwrite=args.overwrite)
 
 
 def register(subparsers) -> None:
-    """Adds `preprocess` for this dataset (not yet)."""
+    from llama.cli import add_command
+
+    parser = add_command(subparsers, "squad", _command,
+                         help="SQuAD v1.1 JSON → MindRecord prompt/answer rows, as MindFormers' squad_data_process")
+    add_io_arguments(parser, "--max-length", "tokens per eval row (train rows hold max_length + 1)")
+    parser.add_argument("--mode", choices=MODES, default="eval",
+                        help="eval: prompt rows with answer labels; train: prompt + answer rows, prompt masked")
+    parser.add_argument("--questions", choices=QUESTIONS, default="first",
+                        help="first question of each paragraph (MindFormers' set) or all questions")
