@@ -123,8 +123,9 @@ def load_sources(path: str | os.PathLike) -> dict[str, Source]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise PipelineError(f"sources file {path} is not valid YAML: {getattr(err, 'problem', err)}{where}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("sources"), dict) or set(data) - {"sources", "mirror"}:
+        problem = getattr(err, "problem", err)
+        raise PipelineError(f"sources file {path} is not valid YAML: {problem}{where}") from None
+    if not (isinstance(data, dict) and isinstance(data.get("sources"), dict)) or set(data) - {"sources", "mirror"}:
         raise PipelineError(f"sources file {path} must hold a 'sources:' mapping and optionally 'mirror:'")
     mirror = _location(str(data["mirror"]), path.parent) if data.get("mirror") else None
     sources = {}
