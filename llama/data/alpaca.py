@@ -8,8 +8,9 @@ Labels are -100 on BOS, on each round's instruction part and on padding.
 
 MindFormers finds the instruction part by splitting strings and finds the padding by looking for id 0, so
 texts that contain `</s>`, `<unk>` or " ASSISTANT: " throw its bookkeeping off, and it then sets the whole
-row's labels to -100 without a word. Here the labels come from the real token positions (everything after
-the template's "ASSISTANT: " is the answer, the true row length ends it), MindFormers' bookkeeping is
+row's labels to -100 without a word. Here the labels come from the real token positions (the answer starts
+after the tokens of the text up to the template's "ASSISTANT: ", less the "▁" that Llama 2 merges into the
+answer's first token, exactly MindFormers' offset; the true row length ends it), MindFormers' bookkeeping is
 replayed next to them, and rows where the two disagree are counted and reported. `on_mismatch="keep"` (the
 default) keeps such rows with the real labels; `"skip"` drops them. Every other row is identical to
 MindFormers'. Rows longer than `seq_length + 1` are truncated as MindFormers does and counted; rows left with
@@ -28,7 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
-from llama.data.records import IGNORE_ID
+from llama.data.records import IGNORE_ID, write_records
+from llama.data.tokenizer import Tokenizer
 from llama.errors import PipelineError
 from llama.fileio import check_output_free, read_json, sha256_file
 from llama.progress import Progress
@@ -64,6 +66,7 @@ def text_field(record, name: str, where: str, required: bool = True) -> str:
 
 
 def list_field(record, name: str, where: str) -> list:
+    """`record[name]` as a list, or a one-line error naming the record and the field."""
     if not isinstance(record, dict):
         raise PipelineError(f"{where} is not a JSON object")
     if not isinstance(record.get(name), list):
@@ -94,9 +97,6 @@ def run_preprocess(build, *, kind: str, input_path, tokenizer_path, seq_length: 
     `build(data, tokenizer, sidecar_dir)` returns (columns, stats, extra_files): file names → paths it wrote
     into `sidecar_dir` for the output folder.
     """
-    from llama.data.records import write_records
-    from llama.data.tokenizer import Tokenizer
-
     check_length(seq_length, length_flag)
     check_output_free(output, overwrite)
     tokenizer = Tokenizer(tokenizer_path)
@@ -179,30 +179,32 @@ def alpaca_columns(records: list[dict], tokenizer, seq_length: int, on_mismatch:
     encoded = encode(tokenizer, list(unique), "tokenizing alpaca")
     ids_of = {text: encoded[index] for text, index in unique.items()}
 
-    input_rows, label_rows = [], []
+    input_ids = np.full((len(plans), row_length), tokenizer.pad_id, dtype=np.int32)
+    labels = np.full((len(plans), row_length), IGNORE_ID, dtype=np.int32)
     stats = {"truncated": 0, "dropped": 0, "mismatched": 0, "mismatched_records": [], "no_answer_records": [],
              "on_mismatch": on_mismatch}
+    row = 0
     for index, (text_rounds, prompt_rounds) in enumerate(plans):
         ids = [bos] + [t for piece in text_rounds for t in ids_of[piece] + [eos]]
+        kept = min(len(ids), row_length)
+        input_ids[row, :kept] = ids[:kept]
         # BOS + the prompt's rounds with their EOS, less the last EOS and the "▁" that "ASSISTANT: " ends with
         # (in the full text that space belongs to the answer's first token): MindFormers' own offsets.
         answer_start = 1 + sum(len(ids_of[piece]) + 1 for piece in prompt_rounds) - 2
-        labels = pad([IGNORE_ID] * answer_start + ids[answer_start:], row_length, IGNORE_ID)
+        labels[row, answer_start:kept] = input_ids[row, answer_start:kept]
         mindformers = _mindformers_labels(ids, text_rounds, ids_of, answer_sep, row_length, tokenizer.pad_id)
-        if mindformers != labels:
+        if not np.array_equal(mindformers, labels[row]):
             stats["mismatched"] += 1
             stats["mismatched_records"].append(index)
             if on_mismatch == "skip":
                 stats["dropped"] += 1
+                input_ids[row], labels[row] = tokenizer.pad_id, IGNORE_ID
                 continue
         stats["truncated"] += len(ids) > row_length
-        if all(label == IGNORE_ID for label in labels):
+        if (labels[row] == IGNORE_ID).all():
             stats["no_answer_records"].append(index)
-        input_rows.append(pad(ids, row_length, tokenizer.pad_id))
-        label_rows.append(labels)
-    columns = {"input_ids": np.array(input_rows, dtype=np.int32).reshape(-1, row_length),
-               "labels": np.array(label_rows, dtype=np.int32).reshape(-1, row_length)}
-    return columns, stats
+        row += 1
+    return {"input_ids": input_ids[:row], "labels": labels[:row]}, stats
 
 
 def _instruction_parts(text_rounds: list[str], answer_sep: str) -> list[str]:
@@ -211,10 +213,11 @@ def _instruction_parts(text_rounds: list[str], answer_sep: str) -> list[str]:
 
 
 def _mindformers_labels(ids: list[int], text_rounds: list[str], ids_of: dict, answer_sep: str,
-                        row_length: int, pad_id: int) -> list[int]:
+                        row_length: int, pad_id: int) -> np.ndarray:
     """The labels `llama_preprocess.py` computes, bookkeeping faults included (whole row set to -100)."""
-    target = pad(ids, max(len(ids), row_length), pad_id)
-    real_length = sum(1 for token in target if token != pad_id)  # its padding test, fooled by a real <unk>
+    target = np.full(max(len(ids), row_length), pad_id, dtype=np.int32)
+    target[:len(ids)] = ids
+    real_length = len(ids) - ids.count(pad_id)  # its padding test, fooled by a real <unk>
     target[0] = IGNORE_ID
     position = 1
     for piece in text_rounds:
@@ -222,11 +225,11 @@ def _mindformers_labels(ids: list[int], text_rounds: list[str], ids_of: dict, an
         if len(parts) != 2:
             break
         instruction = len(ids_of[parts[0] + answer_sep]) - 1
-        target[position:position + instruction] = [IGNORE_ID] * len(target[position:position + instruction])
+        target[position:position + max(instruction, 0)] = IGNORE_ID
         position += len(ids_of[piece]) + 1
-    target[position:] = [IGNORE_ID] * len(target[position:])
+    target[position:] = IGNORE_ID
     if position < row_length and position != real_length:
-        target = [IGNORE_ID] * len(target)
+        target[:] = IGNORE_ID
     return target[:row_length]
 
 
