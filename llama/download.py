@@ -176,6 +176,11 @@ def _verify(path: Path, source: Source, url: str) -> None:
                             f"expected {source.digest}, got {actual}")
 
 
+def cached_path(source: Source, cache_dir: str | os.PathLike) -> Path:
+    """Where `fetch` keeps the verified file for `source` (whether or not it is there yet)."""
+    return Path(cache_dir) / source.algo / source.digest / source.filename
+
+
 def fetch(source: Source, cache_dir: str | os.PathLike, mirror: str | None = None, retries: int = 3,
           backoff: float = 1.0, timeout: float = 60.0, progress: bool = True) -> Path:
     """Return the verified file for `source` in `cache_dir`, downloading it only when the cache lacks it.
@@ -187,7 +192,7 @@ def fetch(source: Source, cache_dir: str | os.PathLike, mirror: str | None = Non
     if retries < 0:
         raise PipelineError(f"retries must be 0 or more, got {retries}")
     cache = Path(cache_dir)
-    final = cache / source.algo / source.digest / source.filename
+    final = cached_path(source, cache)
     mirror = resolve_mirror(mirror, source.mirror)
     url = mirror_url(source.url, mirror) if mirror else source.url
     cache.mkdir(parents=True, exist_ok=True)

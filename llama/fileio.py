@@ -101,7 +101,10 @@ def read_json(path: str | os.PathLike, what: str = "JSON file"):
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{what} {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"{what} {path} is not UTF-8 text (bad byte at offset {err.start})") from None
     if not text.strip():
         raise PipelineError(f"{what} {path} is empty")
     try:
