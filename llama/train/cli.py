@@ -1,5 +1,46 @@
-"""Placeholder: this stage's subcommands are being written."""
+"""`train` and `merge` subcommands; MindSpore is imported only when one of them runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llama.cli import add_command
+
+
+def _train(args) -> dict:
+    from llama.train.config import load_train_config
+    from llama.train.trainer import train
+
+    config = load_train_config(args.config, args.overrides)
+    return train(config, args.output_dir, resume=args.resume)
+
+
+def _merge(args) -> dict:
+    from llama.train.merge import merge
+
+    return merge(args.run_dir, args.output, step=args.step, fmt=args.format, base=args.base,
+                 strategy=args.strategy, tokenizer=args.tokenizer, overwrite=args.overwrite)
 
 
 def register(subparsers) -> None:
-    """Adds this stage's subcommands (none yet)."""
+    parser = add_command(subparsers, "train", _train,
+                         help="pretrain or finetune (full, LoRA, prefix tuning) from a YAML recipe")
+    parser.add_argument("--config", required=True, type=Path, help="a training recipe, e.g. configs/train/tiny_pretrain.yaml")
+    parser.add_argument("--output-dir", required=True, type=Path, help="run folder: checkpoints, metrics, result")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. data.train=out/wiki training.max_steps=50")
+
+    parser = add_command(subparsers, "merge", _merge,
+                         help="merge a run's rank checkpoints (and LoRA adapters) into one full checkpoint")
+    parser.add_argument("run_dir", type=Path, help="a training run folder (with rank_*/), or MindFormers rank folders "
+                                                    "with --strategy")
+    parser.add_argument("--output", required=True, type=Path, help="output checkpoint folder (written atomically)")
+    parser.add_argument("--step", type=int, help="which checkpoint step (default: the newest all ranks have)")
+    parser.add_argument("--format", choices=("ckpt", "safetensors", "hf"), default="ckpt",
+                        help="MindSpore .ckpt or .safetensors, or a Hugging Face folder")
+    parser.add_argument("--base", type=Path, help="base weights of a LoRA run (default: the path it recorded)")
+    parser.add_argument("--strategy", type=Path,
+                        help="strategy file of sliced (model-parallel) checkpoints, merged with transform_checkpoints")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.model to copy into the output")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -1,0 +1,199 @@
+"""The compiled training step: masked causal-LM loss, loss scaling, gradient all-reduce, clipping, AdamW.
+
+Three graphs share one update path (`Update`): `FusedStep` (forward, backward and update in one call, used
+without gradient accumulation) and `AccumulateStep` + `ApplyStep` (micro-batches add their gradients into
+buffers; the last call updates). Learning rate, loss scale and everything else that changes per step are
+tensors, so each graph compiles once.
+
+The optimizer is MindFormers' FP32StateAdamWeightDecay, i.e. MindSpore's AdamWeightDecay with float32
+moments whatever the parameters' dtype: no bias correction, decoupled weight decay (not on 1-D tensors such as
+norm weights and biases). An update whose gradients are not finite is skipped (dynamic loss scaling then
+lowers the scale); the host sees `finite` and decides.
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+IGNORE_ID = -100
+
+
+class CausalLMLoss(nn.Cell):
+    """Rows of seq_length + 1 tokens: predict token t+1 from tokens <= t, as MindFormers' LlamaForCausalLM.
+
+    Positions whose input token is padding or whose label is -100 are left out, and the loss is their mean.
+    Pretraining passes the input ids as labels.
+    """
+
+    def __init__(self, net: nn.Cell, pad_token_id: int):
+        super().__init__(auto_prefix=False)
+        self.net = net
+        self.pad_token_id = pad_token_id
+
+    def construct(self, input_ids, labels):
+        tokens = input_ids[:, :-1]
+        targets = labels[:, 1:]
+        logits = self.net(tokens)
+        mask = ops.logical_and(tokens != self.pad_token_id, targets != IGNORE_ID).astype(ms.float32)
+        losses = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                   ops.maximum(targets, 0).reshape(-1), reduction="none")
+        count = ops.maximum(mask.sum(), 1.0)
+        return (losses * mask.reshape(-1)).sum() / count
+
+
+class Update(nn.Cell):
+    """Average gradients over workers, unscale, clip by global norm and apply AdamW when all are finite."""
+
+    def __init__(self, params: ParameterTuple, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 max_grad_norm: float | None, world_size: int):
+        super().__init__()
+        self.params = params
+        self.moment1 = params.clone(prefix="adam_m", init="zeros")
+        self.moment2 = params.clone(prefix="adam_v", init="zeros")
+        for moment in (*self.moment1, *self.moment2):
+            moment.set_dtype(ms.float32)
+        self.decay = tuple(weight_decay if len(p.shape) > 1 else 0.0 for p in params)
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.max_grad_norm = max_grad_norm
+        self.world_size = world_size
+        self.all_reduce = ops.AllReduce() if world_size > 1 else None
+
+    def construct(self, grads, lr, divisor):
+        """`divisor` = loss scale x micro-batches; returns (global grad norm, finite)."""
+        if self.all_reduce is not None:
+            grads = tuple(self.all_reduce(g) for g in grads)
+            divisor = divisor * self.world_size
+        grads = tuple(g.astype(ms.float32) / divisor for g in grads)
+        square_sum = ops.zeros((), ms.float32)
+        for g in grads:
+            square_sum = square_sum + (g * g).sum()
+        norm = ops.sqrt(square_sum)
+        finite = ops.isfinite(norm)
+        if finite:
+            clip = ops.ones((), ms.float32)
+            if self.max_grad_norm is not None:
+                clip = ops.minimum(clip, self.max_grad_norm / (norm + 1e-6))
+            for i in range(len(grads)):
+                self._adamw(self.params[i], self.moment1[i], self.moment2[i], grads[i] * clip, lr, self.decay[i])
+        return norm, finite
+
+    def _adamw(self, param, m, v, grad, lr, decay):
+        new_m = self.beta1 * m + (1.0 - self.beta1) * grad
+        new_v = self.beta2 * v + (1.0 - self.beta2) * grad * grad
+        value = param.astype(ms.float32)
+        update = new_m / (ops.sqrt(new_v) + self.eps)
+        if decay > 0.0:
+            update = update + decay * value
+        ops.assign(m, new_m)
+        ops.assign(v, new_v)
+        ops.assign(param, (value - lr * update).astype(param.dtype))
+
+
+class _Gradients(nn.Cell):
+    """loss and d(loss x scale)/d(trainable params)."""
+
+    def __init__(self, loss: CausalLMLoss, params: ParameterTuple):
+        super().__init__(auto_prefix=False)
+        self.loss = loss
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.params = params
+
+    def construct(self, input_ids, labels, scale):
+        value = self.loss(input_ids, labels)
+        grads = self.grad(self.loss, self.params)(input_ids, labels, scale.astype(value.dtype))
+        return value, grads
+
+
+class FusedStep(nn.Cell):
+    def __init__(self, gradients: _Gradients, update: Update, world_size: int):
+        super().__init__(auto_prefix=False)
+        self.gradients, self.update = gradients, update
+        self.loss_mean = _LossMean(world_size)
+
+    @ms.jit
+    def construct(self, input_ids, labels, lr, scale):
+        loss, grads = self.gradients(input_ids, labels, scale)
+        norm, finite = self.update(grads, lr, scale)
+        return self.loss_mean(loss), norm, finite
+
+
+class AccumulateStep(nn.Cell):
+    def __init__(self, gradients: _Gradients, buffers: ParameterTuple, world_size: int):
+        super().__init__(auto_prefix=False)
+        self.gradients, self.buffers = gradients, buffers
+        self.loss_mean = _LossMean(world_size)
+
+    @ms.jit
+    def construct(self, input_ids, labels, scale):
+        loss, grads = self.gradients(input_ids, labels, scale)
+        for i in range(len(grads)):
+            ops.assign_add(self.buffers[i], grads[i].astype(ms.float32))
+        return self.loss_mean(loss)
+
+
+class ApplyStep(nn.Cell):
+    def __init__(self, update: Update, buffers: ParameterTuple):
+        super().__init__(auto_prefix=False)
+        self.update, self.buffers = update, buffers
+
+    @ms.jit
+    def construct(self, lr, divisor):
+        norm, finite = self.update(tuple(self.buffers), lr, divisor)
+        for buffer in self.buffers:
+            ops.assign(buffer, ops.zeros_like(buffer))
+        return norm, finite
+
+
+class _LossMean(nn.Cell):
+    """The loss averaged over workers, so every rank logs the global batch's loss."""
+
+    def __init__(self, world_size: int):
+        super().__init__()
+        self.world_size = world_size
+        self.all_reduce = ops.AllReduce() if world_size > 1 else None
+
+    def construct(self, loss):
+        if self.all_reduce is None:
+            return loss
+        return self.all_reduce(loss) / self.world_size
+
+
+class Stepper:
+    """Runs one optimizer step over `accumulation` micro-batches; holds the optimizer state."""
+
+    def __init__(self, net: nn.Cell, pad_token_id: int, optimizer, max_grad_norm: float | None,
+                 accumulation: int, world_size: int):
+        params = ParameterTuple(net.trainable_params())
+        self.update = Update(params, optimizer.beta1, optimizer.beta2, optimizer.eps, optimizer.weight_decay,
+                             max_grad_norm, world_size)
+        gradients = _Gradients(CausalLMLoss(net, pad_token_id), params)
+        self.accumulation = accumulation
+        if accumulation == 1:
+            self.fused = FusedStep(gradients, self.update, world_size)
+        else:
+            buffers = params.clone(prefix="grad_buffer", init="zeros")
+            for buffer in buffers:
+                buffer.set_dtype(ms.float32)
+            self.accumulate = AccumulateStep(gradients, buffers, world_size)
+            self.apply = ApplyStep(self.update, buffers)
+
+    def optimizer_state(self) -> list[Parameter]:
+        return [*self.update.moment1, *self.update.moment2]
+
+    def step(self, micro_batches, lr: float, scale: float, before_micro=None) -> tuple[float, float, bool]:
+        """micro_batches: [(input_ids, labels)] numpy int32; returns (mean loss, grad norm, finite)."""
+        lr_t, scale_t = Tensor(lr, ms.float32), Tensor(scale, ms.float32)
+        if self.accumulation == 1:
+            (input_ids, labels), = micro_batches
+            if before_micro:
+                before_micro(0)
+            loss, norm, finite = self.fused(Tensor(input_ids), Tensor(labels), lr_t, scale_t)
+            return float(loss.asnumpy()), float(norm.asnumpy()), bool(finite.asnumpy())
+        losses = []
+        for micro, (input_ids, labels) in enumerate(micro_batches):
+            if before_micro:
+                before_micro(micro)
+            losses.append(float(self.accumulate(Tensor(input_ids), Tensor(labels), scale_t).asnumpy()))
+        norm, finite = self.apply(lr_t, Tensor(scale * self.accumulation, ms.float32))
+        return sum(losses) / len(losses), float(norm.asnumpy()), bool(finite.asnumpy())
