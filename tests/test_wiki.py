@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import random
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import sentencepiece
 
 from llama.cli import run
 from llama.data.records import read_columns
-from llama.data.wiki import mindformers_paragraphs, preprocess_wiki, standard_text, wikitext_detokenize
+from llama.data.wiki import _DETOKENIZE, mindformers_paragraphs, preprocess_wiki, standard_text, wikitext_detokenize
 from llama.errors import PipelineError
 
 
@@ -25,6 +27,18 @@ def wiki_slice(fixtures):
 def test_detokenizer_examples():
     text = " = = Reception = = \n The 3 @.@ 5 @-@ inch gun ( the \" main \" one ) , N 's \n"
     assert wikitext_detokenize(text) == " == Reception ==\nThe 3.5-inch gun (the \"main\" one), 1's\n"
+
+
+def test_bracket_steps_equal_lm_evals_lazy_regexes():
+    """Our strip-inside steps against lm-eval's own patterns, on random bracket-and-whitespace soup."""
+    lm_eval = [(r"\(\s*([^\)]*?)\s*\)", r"(\1)"), (r"\[\s*([^\]]*?)\s*\]", r"[\1]"), (r"{\s*([^}]*?)\s*}", r"{\1}"),
+               (r"\"\s*([^\"]*?)\s*\"", r'"\1"'), (r"'\s*([^']*?)\s*'", r"'\1'")]
+    ours = [step for step in _DETOKENIZE if isinstance(step[0], re.Pattern)][1:]
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice("()[]{}\"' \n\t\xa0\u3000ab") for _ in range(rng.randint(0, 30)))
+        for (pattern, replacement), (fast, strip) in zip(lm_eval, ours, strict=True):
+            assert fast.sub(strip, text) == re.sub(pattern, replacement, text), repr(text)
 
 
 def test_paragraphs_drop_headings_and_keep_text_as_is():

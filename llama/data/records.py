@@ -167,4 +167,4 @@ def _write_parquet(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
     table = pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
                       for name, values in arrays.items()})
-    pq.write_table(table, path, compression="zstd")
+    pq.write_table(table, path)
