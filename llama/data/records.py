@@ -22,17 +22,20 @@ import numpy as np
 from llama.data.tokenizer import Tokenizer
 from llama.errors import PipelineError
 from llama.fileio import atomic_dir, read_json, sha256_file, write_json_atomic
+from llama.progress import Progress
 
 FORMAT = "llama2-pipeline records 1"
 MANIFEST = "manifest.json"
 PARQUET = "rows.parquet"
 IGNORE_ID = -100  # label value MindFormers leaves out of the loss
 WRITE_BATCH = 1024  # rows per FileWriter call
+READ_BATCH = 4096  # rows per MindDataset batch in read_columns
 
 
 def write_records(out_dir: str | os.PathLike, columns: dict[str, np.ndarray], *, kind: str, seq_length: int,
                   tokenizer: Tokenizer, sources: dict[str, str], stats: dict, overwrite: bool = False,
-                  extra_files: dict[str, Path] | None = None, file_name: str | None = None) -> dict:
+                  extra_files: dict[str, Path] | None = None, file_name: str | None = None,
+                  show_progress: bool = True) -> dict:
     """Write `columns` (each [rows, row_length], same row count) as MindRecord plus manifest; return it.
 
     `file_name` defaults to MindFormers' habit, e.g. `wiki4096.mindrecord`. `stats` (the kind's own counts)
@@ -40,21 +43,23 @@ def write_records(out_dir: str | os.PathLike, columns: dict[str, np.ndarray], *,
     """
     arrays = {name: _int32_rows(name, values) for name, values in columns.items()}
     row_counts = {len(values) for values in arrays.values()}
-    if len(row_counts) != 1:
+    if len(row_counts) > 1:
         raise ValueError(f"columns have different row counts: { {k: len(v) for k, v in arrays.items()} }")
-    if not row_counts or 0 in row_counts:
+    rows = row_counts.pop() if row_counts else 0
+    if rows == 0:
         raise PipelineError(f"nothing to write to {out_dir}: no rows")
     file_name = file_name or f"{kind}{seq_length}.mindrecord"
     extra_files = extra_files or {}
     with atomic_dir(out_dir, overwrite) as tmp:
-        _write_mindrecord(tmp / file_name, arrays, kind)
+        with Progress(f"write {file_name}", total=rows, unit="rows", enabled=show_progress) as progress:
+            _write_mindrecord(tmp / file_name, arrays, kind, progress)
         _write_parquet(tmp / PARQUET, arrays)
         for name, source in extra_files.items():
             shutil.copyfile(source, tmp / name)
         manifest = {
             "format": FORMAT,
             "kind": kind,
-            "rows": row_counts.pop(),
+            "rows": rows,
             "seq_length": seq_length,
             "columns": {name: _column_stats(values) for name, values in arrays.items()},
             "tokenizer": {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
@@ -121,12 +126,12 @@ def open_dataset(out_dir: str | os.PathLike, columns: list[str] | None = None, s
 
 def read_columns(out_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every row of the verified folder, read by MindSpore, as one [rows, row_length] array per column."""
-    dataset = open_dataset(out_dir)
-    rows = {name: [] for name in dataset.get_col_names()}
-    for row in dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
-        for name, values in row.items():
-            rows[name].append(values)
-    return {name: np.stack(values) for name, values in rows.items()}
+    dataset = open_dataset(out_dir).batch(READ_BATCH)  # batched in C++: rows are fixed-length per column
+    parts = {name: [] for name in dataset.get_col_names()}
+    for batch in dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
+        for name, values in batch.items():
+            parts[name].append(values)
+    return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 def _int32_rows(name: str, values) -> np.ndarray:
@@ -149,7 +154,8 @@ def _column_stats(values: np.ndarray) -> dict:
     }
 
 
-def _write_mindrecord(path: Path, arrays: dict[str, np.ndarray], kind: str) -> None:
+def _write_mindrecord(path: Path, arrays: dict[str, np.ndarray], kind: str, progress: Progress) -> None:
+    """One MindRecord file (plus its .db index) as MindFormers writes it; MindSpore's writer works row by row."""
     from mindspore.mindrecord import FileWriter
 
     writer = FileWriter(file_name=str(path), shard_num=1)
@@ -158,6 +164,7 @@ def _write_mindrecord(path: Path, arrays: dict[str, np.ndarray], kind: str) -> N
     for first in range(0, rows, WRITE_BATCH):
         last = min(first + WRITE_BATCH, rows)
         writer.write_raw_data([{name: values[i] for name, values in arrays.items()} for i in range(first, last)])
+        progress.update(last - first)
     writer.commit()
 
 

@@ -111,7 +111,7 @@ def preprocess_wiki(input: str | Path, tokenizer: str | Path | Tokenizer, seq_le
         raise PipelineError(f"input {input} gives {len(ids)} tokens, fewer than one row of {row_length}")
     return write_records(
         output, {"input_ids": ids[:rows * row_length].reshape(rows, row_length)},
-        kind="wiki", seq_length=seq_length, tokenizer=tokenizer, overwrite=overwrite,
+        kind="wiki", seq_length=seq_length, tokenizer=tokenizer, overwrite=overwrite, show_progress=show_progress,
         sources={input.name: sha256_file(input)},
         stats={"mode": mode, "tokens": int(len(ids)), "dropped": int(len(ids) - rows * row_length), **counts},
     )
