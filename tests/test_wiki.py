@@ -103,11 +103,15 @@ def _bad_inputs(tmp_path, wiki_slice, tok512):
     empty.write_text(" \n \n")
     not_model = tmp_path / "tokenizer.model"
     not_model.write_bytes(b"\x00garbage" * 100)
+    latin1 = tmp_path / "latin1.tokens"
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     return {
         "is empty": (empty, tok512, 16, tmp_path / "o1"),
+        "is not UTF-8": (latin1, tok512, 16, tmp_path / "o5"),
+        "does not exist": (tmp_path / "missing.tokens", tok512, 16, tmp_path / "o6"),
         "is not a sentencepiece model": (wiki_slice, not_model, 16, tmp_path / "o2"),
         "at least 2": (wiki_slice, tok512, 1, tmp_path / "o3"),
         "already exists": (wiki_slice, tok512, 16, existing),
