@@ -1,5 +1,37 @@
-"""Placeholder: this stage's subcommands are being written."""
+"""Flow subcommands: `prepare-data` and `demo`. Prefect is imported only when one of them runs."""
+
+from __future__ import annotations
+
+import os
+
+from llama.cli import add_command
+
+
+def _add_flow_options(parser, default_config: str) -> None:
+    parser.add_argument("--config", default=default_config, help=f"flow config YAML (default {default_config})")
+    parser.add_argument("--work-dir", default="work", help="where outputs and the download cache live (default work)")
+    parser.add_argument("--mirror", help="mirror for remote sources (see `download --help`)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. datasets.alpaca.seq_length=512")
+
+
+def _prepare_data(args) -> dict:
+    from flows.prepare_data import prepare_data
+
+    return prepare_data(config=args.config, overrides=args.overrides, work_dir=args.work_dir, mirror=args.mirror)
+
+
+def _demo(args) -> dict:
+    from tasks.tracking import tracking_uri
+
+    result = _prepare_data(args)
+    result["mlflow_ui"] = f"mlflow ui --backend-store-uri {tracking_uri()}"
+    return result
 
 
 def register(subparsers) -> None:
-    """Adds this stage's subcommands (none yet)."""
+    parser = add_command(subparsers, "prepare-data", _prepare_data,
+                         help="download, tokenize and write verified MindRecord files for every dataset in a config")
+    _add_flow_options(parser, "configs/data/demo.yaml")
+    parser = add_command(subparsers, "demo", _demo,
+                         help="run the main job offline on the bundled data (what `make demo` runs)")
+    _add_flow_options(parser, "configs/data/demo.yaml")

@@ -1,16 +1,18 @@
 """Content cache keys for Prefect tasks.
 
-A task's key is the sha256 of: the code version, the task's name, the *content* of its input files and
+A task's key is the sha256 of: the code version (the source of the task's module and of every project
+module it imports), the task's name, the *content* of its input files and
 folders, and the config values that matter. Paths never enter the key, so moving a file changes nothing
 and replacing its bytes under the same name reruns exactly what depends on it.
 
 Each task writes into `<work_dir>/<stage>/<key>`, a folder named by that same key, so a cache hit always
-points at outputs made from the same inputs. Should those outputs have been deleted or damaged, the key
-gets a suffix that misses the cache and the task runs again, writing them back in place.
+points at outputs made from the same inputs. Should those outputs have been deleted or damaged, the stored
+result is forgotten and the task runs again, writing them back in place.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -25,17 +27,47 @@ ROOT = Path(__file__).resolve().parent.parent
 CODE_PACKAGES = ("llama", "tasks")
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """Digest of the package version and every source file of the library and tasks.
+def _module_file(name: str) -> Path | None:
+    parts = name.split(".")
+    if parts[0] not in CODE_PACKAGES:
+        return None
+    for candidate in (ROOT.joinpath(*parts).with_suffix(".py"), ROOT.joinpath(*parts, "__init__.py")):
+        if candidate.is_file():
+            return candidate
+    return None
 
-    Any code change invalidates the caches: coarse, but never stale.
+
+def _imported_modules(path: Path) -> set[str]:
+    """Project modules named by the (absolute) import statements anywhere in a source file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in names if _module_file(name)}
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(module: str) -> str:
+    """Digest of the source of `module` and of every project module it imports, transitively.
+
+    A change to the tokenizer reruns tokenization but not conversion; a change to the model does not
+    rerun tokenization.
     """
+    seen: dict[str, Path] = {}
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        path = _module_file(name)
+        if path is None or name in seen:
+            continue
+        seen[name] = path
+        pending.extend(_imported_modules(path))
     digest = hashlib.sha256(llama.__version__.encode())
-    for package in CODE_PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            digest.update(str(path.relative_to(ROOT)).encode())
-            digest.update(path.read_bytes())
+    for name in sorted(seen):
+        digest.update(f"{name}\0".encode() + seen[name].read_bytes())
     return digest.hexdigest()
 
 
@@ -72,15 +104,17 @@ def _paths(value: Any) -> Iterable[Any]:
     return [value]
 
 
-def content_key(name: str, parameters: dict, file_params: Iterable[str], ignore: Iterable[str] = ()) -> str:
+def content_key(name: str, parameters: dict, file_params: Iterable[str], ignore: Iterable[str] = (),
+                code: str = "tasks") -> str:
     """The cache key of task `name` called with `parameters`.
 
     `file_params` name the parameters that hold input paths (a path, a list or a dict of paths): their
     content is hashed, not their names. `ignore` names parameters that do not change the result (the work
-    folder, an MLflow run id). Every other parameter is a config value and is hashed as JSON.
+    folder, an MLflow run id). Every other parameter is a config value and is hashed as JSON. `code` is the
+    module whose source (with what it imports) versions the result.
     """
     file_params, ignore = set(file_params), set(ignore)
-    digest = hashlib.sha256(f"{code_version()}\0{name}\0".encode())
+    digest = hashlib.sha256(f"{code_version(code)}\0{name}\0".encode())
     for param in sorted(file_params):
         for item in _paths(parameters.get(param)):
             digest.update(f"{param}\0{content_digest(item)}\0".encode())
@@ -97,15 +131,16 @@ class CachedStage:
     task body to get the key-named folder the task writes to.
     """
 
-    def __init__(self, stage: str, file_params: Iterable[str] = (), ignore: Iterable[str] = ("work_dir", "run_id"),
-                 outputs_valid: Callable[[Path], bool] | None = None):
+    def __init__(self, stage: str, code: str, file_params: Iterable[str] = (),
+                 ignore: Iterable[str] = ("work_dir", "run_id"), outputs_valid: Callable[[Path], bool] | None = None):
         self.stage = stage
+        self.code = code
         self.file_params = tuple(file_params)
         self.ignore = tuple(ignore)
         self.outputs_valid = outputs_valid
 
     def key(self, parameters: dict) -> str:
-        return content_key(self.stage, parameters, self.file_params, self.ignore)
+        return content_key(self.stage, parameters, self.file_params, self.ignore, self.code)
 
     def output_dir(self, parameters: dict) -> Path:
         """`<work_dir>/<stage>/<key>`: where a run with these parameters keeps its outputs."""
@@ -113,8 +148,19 @@ class CachedStage:
 
     def cache_key_fn(self, context, parameters: dict) -> str:
         key = self.key(parameters)
-        if self.outputs_valid is not None and "work_dir" in parameters:
-            folder = Path(parameters["work_dir"]) / self.stage / key[:16]
-            if not self.outputs_valid(folder):
-                return f"{key}-rebuild-{os.urandom(8).hex()}"
+        if self.outputs_valid is not None and not self.outputs_valid(self.output_dir(parameters)):
+            forget_cached_result(key)
         return key
+
+
+def forget_cached_result(key: str) -> None:
+    """Drop Prefect's stored result for `key`, so the task runs again and stores a fresh one under it.
+
+    Called from a cache key function when the outputs a cached result points at are gone or damaged.
+    Result storage is Prefect's local file system (the default), where a record is a file named by its key.
+    """
+    from prefect.results import get_result_store
+
+    basepath = getattr(get_result_store().result_storage, "basepath", None)
+    if basepath:
+        (Path(basepath).expanduser() / key).unlink(missing_ok=True)

@@ -93,5 +93,14 @@ class Run:
             target.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
             self.log_artifact(target)
 
+    def log_dataset(self, name: str, digest: str, source: str, context: str, profile: dict | None = None) -> None:
+        """Record a dataset as a run input, named by its content digest, so runs show what data they used."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}),
+                          profile=json.dumps(profile) if profile else None)
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=tags)])
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

@@ -4,7 +4,7 @@ import shutil
 
 from tasks.cache import CachedStage, content_key
 
-STAGE = CachedStage("demo", file_params=("data",), outputs_valid=lambda folder: (folder / "done").exists())
+STAGE = CachedStage("demo", code="tasks.cache", file_params=("data",), outputs_valid=lambda folder: (folder / "done").exists())
 
 
 def test_key_follows_content_not_path(tmp_path):
@@ -34,14 +34,17 @@ def test_folder_inputs_hash_every_file(tmp_path):
     assert content_key("s", {"data": folder}, ["data"]) != before
 
 
-def test_missing_outputs_miss_the_cache(tmp_path):
+def test_output_dir_is_named_by_the_key(tmp_path):
     data = tmp_path / "a.txt"
     data.write_text("x")
     params = {"data": data, "work_dir": tmp_path / "work"}
-    missing = STAGE.cache_key_fn(None, params)
-    assert missing != STAGE.key(params) and missing.startswith(STAGE.key(params))
     out = STAGE.output_dir(params)
-    out.mkdir(parents=True)
-    (out / "done").write_text("")
-    assert STAGE.cache_key_fn(None, params) == STAGE.key(params)
-    assert out.parent.parent == tmp_path / "work"
+    assert out == tmp_path / "work" / "demo" / STAGE.key(params)[:16]
+
+
+def test_code_version_follows_imports_only():
+    from tasks.cache import code_version, _imported_modules, _module_file
+
+    data_imports = _imported_modules(_module_file("tasks.data"))
+    assert {"llama.data.wiki", "tasks.cache"} <= data_imports
+    assert code_version("tasks.data") != code_version("tasks.cache")

@@ -1,0 +1,63 @@
+"""The data flow on the real Prefect (hermetic home, see conftest) and a real MLflow store."""
+
+import shutil
+
+import pytest
+import sentencepiece as spm
+import yaml
+
+from flows.prepare_data import prepare_data
+from llama.data import records
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path, fixtures, tokenizer):
+    config = {
+        "sources": str(fixtures.parent.parent / "configs" / "data" / "bundled_sources.yaml"),
+        "tokenizer": str(tokenizer),
+        "datasets": {
+            "wiki_train": {"kind": "wiki", "input": "wiki_slice", "seq_length": 64, "mode": "mindformers"},
+            "squad_eval": {"kind": "squad", "input": "squad_slice", "max_length": 256, "mode": "eval",
+                           "questions": "all"},
+        },
+    }
+    path = tmp_path / "data.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_rerun_executes_nothing_and_a_new_tokenizer_reruns_tokenization(tmp_path, fixtures):
+    tokenizer = tmp_path / "tokenizer.model"
+    shutil.copy(fixtures / "tok512.model", tokenizer)
+    config, work = _config(tmp_path, fixtures, tokenizer), str(tmp_path / "work")
+
+    first = prepare_data(config=config, work_dir=work)
+    assert set(first["tasks"].values()) == {"ran"}
+    for summary in first["datasets"].values():
+        assert records.verify(summary["output"])["rows"] == summary["rows"] > 0
+
+    second = prepare_data(config=config, work_dir=work)
+    assert set(second["tasks"].values()) == {"cached"}
+    assert second["datasets"] == first["datasets"]
+
+    # Same path, new content: a different sentencepiece model trained on the wiki slice.
+    spm.SentencePieceTrainer.train(input=str(fixtures / "wiki_slice.tokens"), model_prefix=str(tmp_path / "other"),
+                                   vocab_size=400, model_type="bpe", bos_id=1, eos_id=2, unk_id=0)
+    shutil.copy(tmp_path / "other.model", tokenizer)
+    third = prepare_data(config=config, work_dir=work)
+    assert third["tasks"] == {"download-wiki_slice": "cached", "download-squad_slice": "cached",
+                              "preprocess-wiki_train": "ran", "preprocess-squad_eval": "ran"}
+    for name, summary in third["datasets"].items():
+        assert summary["output"] != first["datasets"][name]["output"]
+        assert summary["tokenizer_sha256"] != first["datasets"][name]["tokenizer_sha256"]
+
+
+def test_deleted_outputs_are_rebuilt(tmp_path, fixtures):
+    config, work = _config(tmp_path, fixtures, fixtures / "tok512.model"), str(tmp_path / "work")
+    first = prepare_data(config=config, work_dir=work)
+    shutil.rmtree(first["datasets"]["wiki_train"]["output"])
+    second = prepare_data(config=config, work_dir=work)
+    assert second["tasks"]["preprocess-wiki_train"] == "ran"
+    assert second["tasks"]["preprocess-squad_eval"] == "cached"
+    assert records.verify(second["datasets"]["wiki_train"]["output"])
