@@ -1,5 +1,53 @@
-"""Placeholder: this stage's subcommands are being written."""
+"""`llama2-pipeline convert`: any supported checkpoint -> a verified MindSpore or Hugging Face folder.
+
+Reads Hugging Face (safetensors, sharded or not; pytorch_model.bin where torch is installed), Meta
+consolidated.*.pth, llama2.c v0 .bin, and MindSpore/MindFormers .ckpt or .safetensors; writes MindSpore
+(.ckpt or .safetensors, MindFormers names) or Hugging Face (safetensors + config.json). The folder holds the
+weights, the model config, the tokenizer when given, and a manifest of checksums, so later commands need
+only `--checkpoint DIR`. See llama/checkpoint.py for the formats and the folder layout.
+"""
+
+from __future__ import annotations
+
+import time
+
+from llama.cli import add_command
+
+FORMATS = {"ckpt": "MindSpore .ckpt", "safetensors": "MindSpore .safetensors", "hf": "Hugging Face safetensors"}
+
+
+def run_convert(args) -> dict:
+    from llama.checkpoint import open_checkpoint, write_checkpoint
+    from llama.config import ModelConfig
+
+    start = time.monotonic()
+    model_config = ModelConfig.load(args.model_config) if args.model_config else None
+    source = open_checkpoint(args.input, model_config)
+    manifest = write_checkpoint(source, args.output, args.to, args.dtype, args.tokenizer, args.overwrite,
+                                shard_bytes=int(args.shard_gb * (1 << 30)))
+    return {
+        "output": str(args.output),
+        "source_format": source.kind,
+        "format": FORMATS[args.to],
+        "dtype": manifest["dtype"],
+        "parameters": manifest["parameters"],
+        "weights": manifest["weights"],
+        "tokenizer": "tokenizer.model" in manifest["files"],
+        "seconds": round(time.monotonic() - start, 3),
+    }
 
 
 def register(subparsers) -> None:
-    """Adds this stage's subcommands (none yet)."""
+    parser = add_command(subparsers, "convert", run_convert,
+                         help="convert a checkpoint (HF, Meta, llama2.c, MindSpore) to a verified MindSpore or "
+                              "Hugging Face folder")
+    parser.add_argument("--input", required=True, help="checkpoint folder or file")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--to", choices=sorted(FORMATS), default="ckpt",
+                        help="ckpt / safetensors: MindSpore with MindFormers names; hf: Hugging Face")
+    parser.add_argument("--model-config", help="model config for weights that carry none (a bare .ckpt): a name in "
+                                               "configs/model, our YAML, HF config.json or a MindFormers YAML")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast weights (default: keep)")
+    parser.add_argument("--tokenizer", help="sentencepiece tokenizer.model to store with the weights")
+    parser.add_argument("--shard-gb", type=float, default=4.0, help="largest weight file, in GiB")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
