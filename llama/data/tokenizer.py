@@ -57,10 +57,12 @@ class Tokenizer:
         self.special_ids = {token: self.sp.piece_to_id(token) for token in SPECIAL_TOKENS}
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, split_special: bool = True) -> list[int]:
+        """MindFormers' ids for `text` (`split_special=False`: plain sentencepiece), optionally with BOS/EOS."""
         return self.encode_batch([text], bos, eos, split_special, workers=1)[0]
 
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
                      split_special: bool = True, workers: int | None = None, progress=None) -> list[list[int]]:
+        """`encode` for many texts on `workers` threads (default: every core); `progress` counts texts."""
         chunks, starts = self._chunks(texts, bos, eos, split_special, workers, progress)
         return [list(chain.from_iterable(chunks[a:b])) for a, b in zip(starts, starts[1:])]
 

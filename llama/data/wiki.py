@@ -20,8 +20,6 @@ import io
 import re
 from pathlib import Path
 
-import numpy as np
-
 from llama.cli import add_command
 from llama.data.records import summarize, write_records
 from llama.data.tokenizer import Tokenizer
