@@ -1,0 +1,30 @@
+"""The model and tokenizer an evaluation runs on: a checkpoint folder carries both, `--tokenizer` overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from llama.errors import PipelineError
+
+
+def load_model(checkpoint: str | os.PathLike, dtype: str | None = None):
+    """(model in inference mode, ModelConfig) from any checkpoint `llama.checkpoint` reads, checksums first."""
+    from llama.checkpoint import load_checkpoint
+
+    model, config = load_checkpoint(checkpoint, dtype=dtype)
+    model.set_train(False)
+    return model, config
+
+
+def load_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
+    """`tokenizer` if given, else the checkpoint folder's own tokenizer.model."""
+    from llama.checkpoint import TOKENIZER
+    from llama.data.tokenizer import Tokenizer
+
+    if tokenizer is None:
+        bundled = Path(checkpoint) / TOKENIZER
+        if not bundled.is_file():
+            raise PipelineError(f"checkpoint {checkpoint} has no {TOKENIZER}; pass one with --tokenizer")
+        tokenizer = bundled
+    return Tokenizer(tokenizer)
