@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 from llama.cli import add_command
 

@@ -16,6 +16,12 @@ from llama.errors import PipelineError
 CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in chunks so large checkpoints do not fill memory."""
     digest = hashlib.sha256()
@@ -54,6 +60,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final)
@@ -74,6 +81,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the usual permissions
         if final.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
             os.replace(final, trash / final.name)
@@ -96,8 +104,8 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file"):
-    """Load JSON, turning a missing, empty or malformed file into a one-line error."""
+def read_text(path: str | os.PathLike, what: str = "input") -> str:
+    """A UTF-8 text file's content, or a one-line error for a missing, undecodable or empty file."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{what} {path} does not exist")
@@ -107,6 +115,12 @@ def read_json(path: str | os.PathLike, what: str = "JSON file"):
         raise PipelineError(f"{what} {path} is not UTF-8 text (bad byte at offset {err.start})") from None
     if not text.strip():
         raise PipelineError(f"{what} {path} is empty")
+    return text
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file"):
+    """Load JSON, turning a missing, empty or malformed file into a one-line error."""
+    text = read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:

@@ -28,7 +28,7 @@ class Progress:
         self.enabled = enabled
         self.done = 0
         self.start = time.monotonic()
-        self._last = 0.0
+        self._last = self.start  # the first line waits one interval: short work prints only its final line
         self.extra = ""
 
     def update(self, n: int = 1, extra: str = "") -> None:

@@ -139,9 +139,10 @@ def test_cli_writes_verified_records_with_the_statistics(tmp_path, tok512, tok, 
     captured = capsys.readouterr()
     result = json.loads(captured.out.splitlines()[-1])
     assert "tokenizing alpaca" in captured.err
-    assert result["rows"] == 1 and result["row_length"] == 257
-    assert result["mismatched_records"] == [0, 1, 2] and result["dropped"] == 3
+    assert result["rows"] == 1 and result["row_length"]["input_ids"] == 257
+    assert result["mismatched_records"] == 3 and result["dropped"] == 3
     manifest = verify(tmp_path / "out")
+    assert manifest["stats"]["mismatched_records"] == [0, 1, 2]
     assert manifest["kind"] == "alpaca" and manifest["seq_length"] == 256
     assert manifest["stats"]["mismatched"] == 3 and manifest["stats"]["on_mismatch"] == "skip"
     assert manifest["sources"] == {"alpaca.json": hashlib.sha256(source.read_bytes()).hexdigest()}

@@ -145,7 +145,7 @@ def test_cli_all_questions_writes_every_gold_answer_beside_the_rows(tmp_path, to
     captured = capsys.readouterr()
     result = json.loads(captured.out.splitlines()[-1])
     assert "tokenizing squad" in captured.err
-    assert result["rows"] == 515 and result["row_length"] == 2048 and result["questions"] == "all"
+    assert result["rows"] == 515 and result["row_length"]["input_ids"] == 2048 and result["questions"] == "all"
     manifest = verify(tmp_path / "out")
     assert ANSWERS_FILE in manifest["files"] and manifest["stats"]["mode"] == "eval"
     answers = read_answers(tmp_path / "out" / ANSWERS_FILE)
@@ -161,7 +161,7 @@ def test_cli_all_questions_writes_every_gold_answer_beside_the_rows(tmp_path, to
 def test_cli_train_mode(tmp_path, tok512, fixtures, capsys):
     assert squad_cli(tmp_path, tok512, fixtures / "squad_dev_slice.json", "--mode", "train", max_length="300") == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert result["rows"] == 30 and result["row_length"] == 301 and result["truncated"] > 0
+    assert result["rows"] == 30 and result["row_length"]["input_ids"] == 301 and result["truncated"] > 0
     assert verify(tmp_path / "out")["stats"]["mode"] == "train"
     assert len(read_answers(tmp_path / "out" / ANSWERS_FILE)) == 30
 

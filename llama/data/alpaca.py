@@ -15,25 +15,17 @@ replayed next to them, and rows where the two disagree are counted and reported.
 default) keeps such rows with the real labels; `"skip"` drops them. Every other row is identical to
 MindFormers'. Rows longer than `seq_length + 1` are truncated as MindFormers does and counted; rows left with
 no answer token at all (a prompt longer than the row) are listed, since they teach nothing.
-
-This module also holds what the question-answer datasets share (record fields, padding, the run around a
-builder: checks, tokenizer, progress, writing); `llama.data.squad` uses it.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from llama.data.records import IGNORE_ID, write_records
-from llama.data.tokenizer import Tokenizer
+from llama.data.common import add_io_arguments, check_length, encode, run_preprocess, text_field
+from llama.data.records import IGNORE_ID, summarize
 from llama.errors import PipelineError
-from llama.fileio import check_output_free, read_json, sha256_file
-from llama.progress import Progress
 
 PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -48,69 +40,6 @@ PROMPT_NO_INPUT = (
 TEMPLATE = "vicuna_v1.1"
 ON_MISMATCH = ("keep", "skip")
 
-
-# ---- shared by the question-answer datasets -------------------------------------------------------------
-
-def text_field(record, name: str, where: str, required: bool = True) -> str:
-    """`record[name]` as a string, or a one-line error naming the record and the field."""
-    if not isinstance(record, dict):
-        raise PipelineError(f"{where} is not a JSON object")
-    if name not in record:
-        if required:
-            raise PipelineError(f"{where} has no field '{name}'")
-        return ""
-    value = record[name]
-    if not isinstance(value, str):
-        raise PipelineError(f"{where} field '{name}' is not a string")
-    return value
-
-
-def list_field(record, name: str, where: str) -> list:
-    """`record[name]` as a list, or a one-line error naming the record and the field."""
-    if not isinstance(record, dict):
-        raise PipelineError(f"{where} is not a JSON object")
-    if not isinstance(record.get(name), list):
-        raise PipelineError(f"{where} has no list field '{name}'")
-    return record[name]
-
-
-def check_length(length: int, what: str) -> None:
-    if length < 2:
-        raise PipelineError(f"{what} must be at least 2, got {length}")
-
-
-def pad(ids: Sequence[int], length: int, value: int) -> list[int]:
-    """`ids` cut or padded with `value` to exactly `length`."""
-    return list(ids[:length]) + [value] * (length - len(ids))
-
-
-def encode(tokenizer, texts: list[str], label: str) -> list[list[int]]:
-    """Token ids of `texts` (no BOS/EOS), on every core, with a progress line."""
-    with Progress(label, total=len(texts), unit="texts") as progress:
-        return tokenizer.encode_batch(texts, progress=progress)
-
-
-def run_preprocess(build, *, kind: str, input_path, tokenizer_path, seq_length: int, length_flag: str, output,
-                   overwrite: bool) -> dict:
-    """Check the arguments before any work, load tokenizer and input, build rows, write them atomically.
-
-    `build(data, tokenizer, sidecar_dir)` returns (columns, stats, extra_files): file names → paths it wrote
-    into `sidecar_dir` for the output folder.
-    """
-    check_length(seq_length, length_flag)
-    check_output_free(output, overwrite)
-    tokenizer = Tokenizer(tokenizer_path)
-    data = read_json(input_path, f"{kind} input")
-    with tempfile.TemporaryDirectory(prefix=f"llama2-{kind}-") as sidecar_dir:
-        columns, stats, extra = build(data, tokenizer, Path(sidecar_dir))
-        manifest = write_records(output, columns, kind=kind, seq_length=seq_length, tokenizer=tokenizer,
-                                 sources={Path(input_path).name: sha256_file(input_path)}, stats=stats,
-                                 overwrite=overwrite, extra_files=extra)
-    return {"output": str(output), "rows": manifest["rows"], "row_length": columns["input_ids"].shape[1],
-            **manifest["stats"]}
-
-
-# ---- Alpaca ---------------------------------------------------------------------------------------------
 
 def alpaca_prompt(record: dict) -> str:
     """The human turn `alpaca_converter.py` builds (an empty or missing input selects the shorter prompt)."""
@@ -233,30 +162,22 @@ def _mindformers_labels(ids: list[int], text_rounds: list[str], ids_of: dict, an
     return target[:row_length]
 
 
-def preprocess_alpaca(input_path: str | os.PathLike, tokenizer_path: str | os.PathLike, seq_length: int,
+def preprocess_alpaca(input: str | os.PathLike, tokenizer, seq_length: int,
                       output: str | os.PathLike, *, on_mismatch: str = "keep", overwrite: bool = False) -> dict:
-    """Tokenize an Alpaca JSON file into a verified records folder; return its statistics."""
+    """Tokenize an Alpaca JSON file into a verified records folder; return its manifest."""
 
     def build(data, tokenizer, _sidecar_dir):
         columns, stats = alpaca_columns(read_alpaca(data), tokenizer, seq_length, on_mismatch)
         return columns, stats, {}
 
-    return run_preprocess(build, kind="alpaca", input_path=input_path, tokenizer_path=tokenizer_path,
+    return run_preprocess(build, kind="alpaca", input=input, tokenizer=tokenizer,
                           seq_length=seq_length, length_flag="--seq-length", output=output, overwrite=overwrite)
 
 
 def _command(args) -> dict:
-    return preprocess_alpaca(args.input, args.tokenizer, args.seq_length, args.output,
-                             on_mismatch=args.on_mismatch, overwrite=args.overwrite)
-
-
-def add_io_arguments(parser, length_flag: str, length_help: str) -> None:
-    """The arguments every question-answer dataset takes."""
-    parser.add_argument("--input", required=True, type=Path, help="input JSON file")
-    parser.add_argument("--tokenizer", required=True, type=Path, help="sentencepiece tokenizer.model")
-    parser.add_argument(length_flag, required=True, type=int, help=length_help)
-    parser.add_argument("--output", required=True, type=Path, help="output folder (written atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    manifest = preprocess_alpaca(args.input, args.tokenizer, args.seq_length, args.output,
+                                 on_mismatch=args.on_mismatch, overwrite=args.overwrite)
+    return summarize(args.output, manifest)
 
 
 def register(subparsers) -> None:

@@ -83,7 +83,8 @@ def summarize(out_dir: str | os.PathLike, manifest: dict) -> dict:
         "row_length": {name: column["row_length"] for name, column in manifest["columns"].items()},
         "mindrecord": str(Path(out_dir) / manifest["mindrecord"]),
         "tokenizer_sha256": manifest["tokenizer"]["sha256"],
-        **manifest["stats"],
+        # record lists (e.g. which rows were truncated) stay in the manifest; here they are counted
+        **{key: len(value) if isinstance(value, list) else value for key, value in manifest["stats"].items()},
     }
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llama.data.alpaca import add_io_arguments, check_length, encode, list_field, pad, run_preprocess, text_field
-from llama.data.records import IGNORE_ID
+from llama.data.common import add_io_arguments, check_length, encode, list_field, pad, run_preprocess, text_field
+from llama.data.records import IGNORE_ID, summarize
 from llama.errors import PipelineError
 
 PROMPT = ("Read the passage and answer the question below.\n\n### Instruction:\n{context}\n\n"
@@ -149,10 +149,10 @@ def read_answers(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in handle]
 
 
-def preprocess_squad(input_path: str | os.PathLike, tokenizer_path: str | os.PathLike, max_length: int,
+def preprocess_squad(input: str | os.PathLike, tokenizer, max_length: int,
                      output: str | os.PathLike, *, mode: str = "eval", questions: str = "first",
                      overwrite: bool = False) -> dict:
-    """Tokenize a SQuAD v1.1 JSON file into a verified records folder with `answers.jsonl`; return statistics."""
+    """Tokenize a SQuAD v1.1 JSON file into a verified records folder with `answers.jsonl`; return its manifest."""
 
     def build(data, tokenizer, sidecar_dir: Path):
         examples = read_squad(data, questions)
@@ -160,13 +160,14 @@ def preprocess_squad(input_path: str | os.PathLike, tokenizer_path: str | os.Pat
         write_answers(sidecar_dir / ANSWERS_FILE, examples)
         return columns, {**stats, "questions": questions}, {ANSWERS_FILE: sidecar_dir / ANSWERS_FILE}
 
-    return run_preprocess(build, kind="squad", input_path=input_path, tokenizer_path=tokenizer_path,
+    return run_preprocess(build, kind="squad", input=input, tokenizer=tokenizer,
                           seq_length=max_length, length_flag="--max-length", output=output, overwrite=overwrite)
 
 
 def _command(args) -> dict:
-    return preprocess_squad(args.input, args.tokenizer, args.max_length, args.output, mode=args.mode,
-                            questions=args.questions, overwrite=args.overwrite)
+    manifest = preprocess_squad(args.input, args.tokenizer, args.max_length, args.output, mode=args.mode,
+                                questions=args.questions, overwrite=args.overwrite)
+    return summarize(args.output, manifest)
 
 
 def register(subparsers) -> None:

@@ -24,7 +24,8 @@ from llama.cli import add_command
 from llama.data.records import summarize, write_records
 from llama.data.tokenizer import Tokenizer
 from llama.errors import PipelineError
-from llama.fileio import check_output_free, sha256_file
+from llama.data.common import add_io_arguments, check_length
+from llama.fileio import check_output_free, read_text, sha256_file
 from llama.progress import Progress
 
 MODES = ("mindformers", "standard")
@@ -86,10 +87,9 @@ def preprocess_wiki(input: str | Path, tokenizer: str | Path | Tokenizer, seq_le
     input, output = Path(input), Path(output)
     if mode not in MODES:
         raise PipelineError(f"unknown wiki mode {mode!r} (choose from {', '.join(MODES)})")
-    if seq_length < 2:
-        raise PipelineError(f"seq length must be at least 2, got {seq_length}")
+    check_length(seq_length, "--seq-length")
     check_output_free(output, overwrite)
-    text = _read_text(input)
+    text = read_text(input)
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer(tokenizer)
 
@@ -115,18 +115,6 @@ def preprocess_wiki(input: str | Path, tokenizer: str | Path | Tokenizer, seq_le
     )
 
 
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise PipelineError(f"input {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise PipelineError(f"input {path} is not UTF-8 text (byte {err.start})") from None
-    if not text.strip():
-        raise PipelineError(f"input {path} is empty")
-    return text
-
-
 def _run(args) -> dict:
     manifest = preprocess_wiki(args.input, args.tokenizer, args.seq_length, args.output, args.mode, args.overwrite)
     return summarize(args.output, manifest)
@@ -134,11 +122,7 @@ def _run(args) -> dict:
 
 def register(subparsers) -> None:
     parser = add_command(subparsers, "wiki", _run, help="WikiText-2 → MindRecord rows for training or perplexity")
-    parser.add_argument("--input", required=True, type=Path, help="a wiki.{train,valid,test}.tokens file")
-    parser.add_argument("--tokenizer", required=True, type=Path, help="sentencepiece tokenizer.model")
-    parser.add_argument("--seq-length", required=True, type=int,
-                        help="mindformers: rows of seq_length+1 tokens; standard: windows of seq_length")
-    parser.add_argument("--output", required=True, type=Path, help="output folder (written atomically)")
+    add_io_arguments(parser, "--seq-length", "mindformers: rows of seq_length+1 tokens; standard: windows of seq_length",
+                     input_help="a wiki.{train,valid,test}.tokens file")
     parser.add_argument("--mode", choices=MODES, default="mindformers",
                         help="mindformers: as llama_preprocess.py; standard: the GPTQ/AWQ perplexity windows")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
