@@ -1,0 +1,165 @@
+"""Conversion in every direction, checked bit for bit, with MindSpore's and safetensors' own readers."""
+
+import importlib.util
+import json
+import shutil
+
+import ml_dtypes  # noqa: F401  (safetensors' numpy loader needs it for bf16)
+import numpy as np
+import pytest
+import mindspore as ms
+from safetensors.numpy import load_file, save_file
+
+from llama.checkpoint import hf_to_ms_name, load_checkpoint, open_checkpoint, save_checkpoint, write_checkpoint
+from llama.cli import run
+from llama.config import ModelConfig
+from llama.errors import PipelineError
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    return array.view(np.uint16) if array.dtype.itemsize == 2 else array.view(np.uint32)
+
+
+def _ms_arrays(path, fmt="ckpt") -> dict:
+    """What MindSpore's own loader makes of a checkpoint file, as numpy (bf16 re-viewed as ml_dtypes)."""
+    params = ms.load_checkpoint(str(path), format=fmt)
+    out = {}
+    for name, param in params.items():
+        array = param.asnumpy()
+        out[name] = array.view(np.uint16).view(ml_dtypes.bfloat16) if array.dtype.name == "bfloat16" else array
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_dir(fixtures):
+    return fixtures / "hf_tiny_llama"
+
+
+def test_hf_to_mindspore_equals_mindformers_converter(hf_dir, fixtures, tmp_path):
+    assert run(["convert", "--input", str(hf_dir), "--output", str(tmp_path / "ms"),
+                "--tokenizer", str(fixtures / "tok512.model")]) == 0
+    ours = _ms_arrays(tmp_path / "ms" / "model.ckpt")
+    theirs = _ms_arrays(fixtures / "mindformers_tiny_llama" / "llama_tiny_mindformers.ckpt")
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype and np.array_equal(ours[name], theirs[name]), name
+    manifest = json.loads((tmp_path / "ms" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.ckpt", "model_config.json", "tokenizer.model"}
+    assert ModelConfig.from_dict(manifest["model_config"]) == ModelConfig.from_hf_config(hf_dir / "config.json")
+
+
+@pytest.mark.parametrize("variant", ["", "bf16"])
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+def test_hf_to_mindspore_to_hf_is_bit_exact(hf_dir, tmp_path, variant, fmt):
+    source = hf_dir / variant if variant else hf_dir
+    assert run(["convert", "--input", str(source), "--output", str(tmp_path / "ms"), "--to", fmt]) == 0
+    weights = tmp_path / "ms" / f"model.{fmt}"
+    for name, array in _ms_arrays(weights, fmt).items():
+        assert array.dtype == (ml_dtypes.bfloat16 if variant else np.float32), name
+    assert run(["convert", "--input", str(tmp_path / "ms"), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 0
+    original, back = load_file(source / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(original) == sorted(back)
+    for name in original:
+        assert back[name].dtype == original[name].dtype and np.array_equal(_bits(back[name]), _bits(original[name]))
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert ModelConfig.from_hf_config(hf_config) == ModelConfig.from_hf_config(source / "config.json")
+
+
+def test_sharded_output_round_trips(hf_dir, tmp_path):
+    source = open_checkpoint(hf_dir)
+    write_checkpoint(source, tmp_path / "hf", "hf", shard_bytes=200_000, progress=False)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) == 4 and files[0] == "model-00001-of-00004.safetensors"
+    write_checkpoint(open_checkpoint(tmp_path / "hf"), tmp_path / "ms", "ckpt", shard_bytes=200_000, progress=False)
+    original = load_file(hf_dir / "model.safetensors")
+    ours = {}
+    for file in sorted((tmp_path / "ms").glob("model-*.ckpt")):
+        ours.update(_ms_arrays(file))
+    assert {hf_to_ms_name(name): array for name, array in original.items()}.keys() == ours.keys()
+    assert all(np.array_equal(ours[hf_to_ms_name(name)], array) for name, array in original.items())
+
+
+def test_large_tensors_are_split_like_mindspore(hf_dir, tmp_path, monkeypatch):
+    """MindSpore writes tensors over its slice size as several records; ours must read back with its loader."""
+    import llama.checkpoint
+
+    monkeypatch.setattr(llama.checkpoint, "CKPT_SLICE_BYTES", 1000)
+    model, config = load_checkpoint(hf_dir)
+    save_checkpoint(model, tmp_path / "out", config)
+    theirs = _ms_arrays(tmp_path / "out" / "model.ckpt")
+    ours = {name: entry.read() for name, entry in open_checkpoint(tmp_path / "out").entries.items()}
+    assert all(np.array_equal(theirs[name], ours[name]) for name in theirs) and theirs.keys() == ours.keys()
+    assert all(np.array_equal(param.asnumpy(), ours[name]) for name, param in model.parameters_and_names())
+
+
+def test_damaged_folder_fails_its_checksum(hf_dir, tmp_path):
+    write_checkpoint(open_checkpoint(hf_dir), tmp_path / "ms", "ckpt", progress=False)
+    weights = tmp_path / "ms" / "model.ckpt"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match="does not match the sha256"):
+        load_checkpoint(tmp_path / "ms")
+
+
+def _error_of(capsys, argv) -> str:
+    assert run(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_truncated_safetensors_is_one_clear_error(hf_dir, tmp_path, capsys):
+    shutil.copytree(hf_dir, tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    err = _error_of(capsys, ["convert", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "out")])
+    assert "truncated" in err and not (tmp_path / "out").exists()
+
+
+def test_wrong_shaped_tensor_is_named_with_the_expected_shape(hf_dir, tmp_path, capsys):
+    shutil.copytree(hf_dir, tmp_path / "hf")
+    tensors = load_file(hf_dir / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:100]
+    del tensors["model.norm.weight"]
+    tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+    save_file(tensors, tmp_path / "hf" / "model.safetensors")
+    err = _error_of(capsys, ["convert", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "out")])
+    assert "model.layers.1.feed_forward.w3.weight is [100, 64], expected [172, 64]" in err
+    assert "missing model.norm_out.weight [64]" in err
+    assert "unexpected model.layers.0.self_attn.q_proj.bias [64]" in err
+
+
+def test_config_that_does_not_match_the_weights(fixtures, tmp_path, capsys):
+    ckpt = fixtures / "mindformers_tiny_llama" / "llama_tiny_mindformers.ckpt"
+    err = _error_of(capsys, ["convert", "--input", str(ckpt), "--output", str(tmp_path / "out")])
+    assert "--model-config" in err
+    err = _error_of(capsys, ["convert", "--input", str(ckpt), "--output", str(tmp_path / "out"),
+                             "--model-config", "tiny"])
+    assert "expected [32000, 256]" in err and "does not match the model config" in err
+    config = fixtures / "hf_tiny_llama" / "config.json"
+    assert run(["convert", "--input", str(ckpt), "--output", str(tmp_path / "out"), "--model-config", str(config)]) == 0
+
+
+def test_llama2c_weights_are_permuted_to_the_rotate_half_layout(fixtures):
+    """Against an independent reading of the file: q rows of head 0 come as (even, odd) pairs in llama2.c."""
+    source = open_checkpoint(fixtures / "stories260K.bin")
+    config = source.config
+    assert (config.num_layers, config.num_heads, config.num_kv_heads, config.tie_word_embeddings) == (5, 8, 4, True)
+    raw = np.fromfile(fixtures / "stories260K.bin", dtype=np.float32, offset=28)
+    dim, layers, vocab = 64, 5, 512
+    wq0 = raw[vocab * dim + layers * dim:][:dim * dim].reshape(dim, dim)
+    ours = source.entries["model.layers.0.attention.wq.weight"].read()
+    head = dim // 8
+    np.testing.assert_array_equal(ours[:head // 2], wq0[0:head:2])
+    np.testing.assert_array_equal(ours[head // 2:head], wq0[1:head:2])
+
+
+def test_torch_formats_need_torch(tmp_path, capsys):
+    if importlib.util.find_spec("torch"):
+        pytest.skip("torch is installed here")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    err = _error_of(capsys, ["convert", "--input", str(tmp_path / "pytorch_model.bin"), "--output",
+                             str(tmp_path / "out")])
+    assert "needs torch" in err

@@ -1,0 +1,77 @@
+"""Generation with the KV cache: transformers' greedy ids, padding invariance, sampling, and the published
+stories260K sample from its llama2.c file."""
+
+import json
+
+import numpy as np
+import pytest
+
+from llama.checkpoint import load_checkpoint
+from llama.cli import run
+from llama.data.tokenizer import Tokenizer
+from llama.generate import generate
+
+
+@pytest.fixture(scope="module")
+def hf_dir(fixtures):
+    return fixtures / "hf_tiny_llama"
+
+
+@pytest.fixture(scope="module")
+def model(hf_dir):
+    return load_checkpoint(hf_dir)[0]
+
+
+@pytest.fixture(scope="module")
+def prompts(hf_dir):
+    ids = np.load(hf_dir / "input_ids.npy")
+    return [ids[0, :8].tolist(), ids[1, :5].tolist(), ids[1, :12].tolist()]
+
+
+def test_greedy_ids_match_transformers(model, hf_dir, prompts):
+    expected = np.load(hf_dir / "greedy_ids.npy")[0]
+    out = generate(model, [prompts[0]], max_new_tokens=16, eos_id=None)
+    assert prompts[0] + out[0] == expected.tolist()
+
+
+def test_left_padded_batch_decodes_each_prompt_as_alone(model, prompts):
+    batch = generate(model, prompts, max_new_tokens=10, eos_id=None)
+    alone = [generate(model, [p], max_new_tokens=10, eos_id=None)[0] for p in prompts]
+    assert batch == alone
+
+
+def test_stops_at_eos(model, prompts):
+    greedy = generate(model, [prompts[0]], max_new_tokens=16, eos_id=None)[0]
+    eos = greedy[3]
+    assert generate(model, [prompts[0]], max_new_tokens=16, eos_id=eos)[0] == greedy[:greedy.index(eos) + 1]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(model, prompts):
+    greedy = generate(model, prompts, 12, eos_id=None)
+    assert generate(model, prompts, 12, temperature=1.0, top_k=1, seed=5, eos_id=None) == greedy
+    first = generate(model, prompts, 12, temperature=1.0, top_p=0.9, seed=7, eos_id=None)
+    assert generate(model, prompts, 12, temperature=1.0, top_p=0.9, seed=7, eos_id=None) == first
+    assert generate(model, prompts, 12, temperature=1.0, seed=8, eos_id=None) != first
+    assert all(0 <= t < 512 for row in first for t in row)
+
+
+def test_cli_prompts_file_and_json(hf_dir, fixtures, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("Once upon a time\n\nLily\n")
+    argv = ["generate", "--checkpoint", str(hf_dir), "--tokenizer", str(fixtures / "tok512.model"),
+            "--prompts-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", "5", "--batch-size", "2"]
+    assert run(argv + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [c["prompt"] for c in result["completions"]] == ["Once upon a time", "Lily"]
+    assert all(1 <= len(c["ids"]) <= 5 for c in result["completions"])
+    assert run(argv) == 0
+    assert capsys.readouterr().out.startswith("Once upon a time" + result["completions"][0]["completion"])
+
+
+@pytest.mark.slow
+def test_stories260K_reproduces_the_published_greedy_sample(fixtures, tok512):
+    """llama2.c doc/stories260K.md: `run -t 0.0` (256 steps from BOS) prints this story."""
+    model, config = load_checkpoint(fixtures / "stories260K.bin")
+    tokenizer = Tokenizer(tok512)
+    ids = generate(model, [[tokenizer.bos_id]], max_new_tokens=256, eos_id=tokenizer.bos_id)[0]
+    assert len(ids) == 256
+    assert tokenizer.decode(ids) == (fixtures / "stories260K_greedy.txt").read_text().rstrip("\n")
