@@ -45,15 +45,16 @@ def train(config: TrainConfig | dict, output_dir: str | os.PathLike, resume: boo
     config = as_train_config(config)
     config.require_inputs()
     config.check_runnable_on_cpu()
-    if config.parallel.data_parallel > 1 and not in_worker():
+    if config.parallel.data_parallel > 1 and not launched_by_msrun():
         from llama.train.launch import run_data_parallel
         return run_data_parallel(config, output_dir, resume, on_step)
     return run_worker(config, output_dir, resume, on_step)
 
 
-def in_worker() -> bool:
-    """True inside a process msrun started (it sets MS_ROLE for every worker)."""
-    return os.environ.get("MS_ROLE") == "MS_WORKER"
+def launched_by_msrun() -> bool:
+    """True in the processes msrun starts: the workers, and its scheduler, which runs the same command and
+    whose `init()` serves the cluster until the workers finish, then ends the process."""
+    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")
 
 
 def prepare_output(config: TrainConfig, output_dir: Path, resume: bool) -> int:
@@ -260,7 +261,7 @@ def run_worker(config: TrainConfig, output_dir: str | os.PathLike, resume: bool 
 
     output_dir = Path(output_dir)
     rank, world = 0, 1
-    if in_worker():
+    if launched_by_msrun():
         from mindspore.communication import get_group_size, get_rank, init
         init()
         rank, world = get_rank(), get_group_size()
