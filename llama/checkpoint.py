@@ -21,8 +21,9 @@ Folder layout written by `write_checkpoint` (one rename, so a reader never sees 
                  generation_config.json, [tokenizer.model], manifest.json
 `manifest.json` holds the size and sha256 of every file; `open_checkpoint` checks them before reading.
 
-Memory: each tensor is read only when written, straight from the file into one array, and dropped after,
-so peak memory stays near the largest tensor. The .ckpt and .safetensors containers are parsed and written
+Memory: tensors stored as-is are copied file to file through one small buffer; a tensor that must change
+(q/k permutation, dtype cast, Meta shard concatenation) is read whole only when written and dropped after,
+so peak memory stays near the largest such tensor. The .ckpt and .safetensors containers are parsed and written
 here (both are simple: a protobuf stream and a JSON header), because MindSpore's and safetensors' own
 savers need the whole model in memory at once; the tests read our files back with both libraries.
 """
@@ -53,6 +54,7 @@ MODEL_CONFIG = "model_config.json"
 TOKENIZER = "tokenizer.model"
 SHARD_BYTES = 4 << 30          # weights per output file; bigger models are written as several shards
 CKPT_SLICE_BYTES = 512 << 20   # MindSpore splits a tensor into protobuf records of at most this size
+COPY_CHUNK = 1 << 20           # tensors stored as-is are copied through buffers of this size (cache-sized)
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
              "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -135,6 +137,7 @@ class Entry:
     shape: tuple[int, ...]
     dtype: np.dtype
     read: Callable[[], np.ndarray]
+    raw: tuple[Path, list[tuple[int, int]]] | None = None   # (file, byte ranges) when stored as-is on disk
 
     @property
     def nbytes(self) -> int:
@@ -153,6 +156,10 @@ class Source:
 
 
 # ---------------------------------------------------------------------------------------------- reading
+
+def _file_entry(path: Path, ranges: list[tuple[int, int]], dtype, shape) -> Entry:
+    return Entry(tuple(shape), np.dtype(dtype), lambda: _read_range(path, ranges, dtype, shape), (path, ranges))
+
 
 def _read_range(path: Path, ranges: list[tuple[int, int]], dtype, shape) -> np.ndarray:
     """Read byte ranges of a file straight into one new array (no mmap, so no file pages stay resident)."""
@@ -191,8 +198,7 @@ def read_safetensors_index(path: Path) -> dict[str, Entry]:
         if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
             raise PipelineError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape}")
         data_end = max(data_end, end)
-        entries[name] = Entry(shape, np.dtype(dtype), lambda b=data_start + begin, n=end - begin, d=dtype, s=shape:
-                              _read_range(path, [(b, n)], d, s))
+        entries[name] = _file_entry(path, [(data_start + begin, end - begin)], dtype, shape)
     if data_start + data_end > size:
         raise PipelineError(f"{path} is truncated: its header needs {data_start + data_end} bytes, "
                             f"the file has {size}")
@@ -269,7 +275,7 @@ def read_ckpt_index(path: Path) -> dict[str, Entry]:
     entries = {}
     for name, (shape, type_name, slices) in tensors.items():
         dtype = np.dtype(MS_TYPES[type_name])
-        entry = Entry(shape, dtype, lambda r=slices, d=dtype, s=shape: _read_range(path, r, d, s))
+        entry = _file_entry(path, slices, dtype, shape)
         if sum(n for _, n in slices) != entry.nbytes:
             raise PipelineError(f"{path}: tensor {name} has {sum(n for _, n in slices)} bytes for shape {shape}")
         entries[name] = entry
@@ -345,7 +351,7 @@ def read_llama2c(path: Path) -> tuple[dict[str, Entry], ModelConfig]:
     def add(name, shape):
         nonlocal offset
         nbytes = int(np.prod(shape)) * 4
-        entries[name] = Entry(shape, f32, lambda o=offset, n=nbytes, s=shape: _read_range(path, [(o, n)], f32, s))
+        entries[name] = _file_entry(path, [(offset, nbytes)], f32, shape)
         offset += nbytes
 
     for block, shape in blocks:
@@ -445,7 +451,8 @@ def _is_hf_safetensors(path: Path) -> bool:
 def verify_folder(folder: Path) -> dict:
     """Check every file in a folder's manifest (sizes first, then sha256s); return the manifest."""
     manifest = read_json(folder / MANIFEST, "manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or not isinstance(manifest.get("files"), dict):
         raise PipelineError(f"{folder / MANIFEST} is not a checkpoint manifest of this pipeline")
     for name, info in manifest["files"].items():
         path = folder / name
@@ -525,20 +532,29 @@ def check_tensors(entries: dict[str, Entry], config: ModelConfig, path: Path | s
 # ---------------------------------------------------------------------------------------------- writing
 
 class _HashingWriter:
-    """Writes to a file while a second thread computes its sha256 (hashlib releases the GIL)."""
+    """Writes to a file while a second thread computes its sha256 (hashlib releases the GIL).
+
+    The hash of one write overlaps that write and whatever the caller does until its next write (reading
+    the next chunk), so a buffer handed to `write` may be refilled only after the following `write` returns.
+    """
 
     def __init__(self, path: Path, pool: ThreadPoolExecutor):
         import hashlib
-        self.handle, self.digest, self.pool, self.size = open(path, "wb"), hashlib.sha256(), pool, 0
+        self.handle, self.digest, self.pool, self.size = open(path, "wb", buffering=0), hashlib.sha256(), pool, 0
+        self.pending = None
 
     def write(self, data) -> None:
         data = memoryview(data).cast("B")
-        pending = self.pool.submit(self.digest.update, data)
-        self.handle.write(data)
-        pending.result()
+        if self.pending is not None:
+            self.pending.result()
+        self.pending = self.pool.submit(self.digest.update, data)
         self.size += len(data)
+        while len(data):
+            data = data[self.handle.write(data):]
 
     def close(self) -> dict:
+        if self.pending is not None:
+            self.pending.result()
         self.handle.close()
         return {"size": self.size, "sha256": self.digest.hexdigest()}
 
@@ -564,13 +580,44 @@ def _ckpt_record_head(name: str, shape: tuple[int, ...], type_name: str, content
             + b"\x12" + _proto_varint(len(tensor_head) + content_len) + tensor_head)
 
 
-def _write_ckpt(writer: _HashingWriter, tensors: Iterable[tuple[str, np.ndarray]]) -> None:
-    for name, array in tensors:
-        data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-        for start in range(0, max(len(data), 1), CKPT_SLICE_BYTES):
-            chunk = data[start:start + CKPT_SLICE_BYTES]
-            writer.write(_ckpt_record_head(name, array.shape, MS_NAMES[array.dtype], len(chunk)))
-            writer.write(chunk)
+def _tensor_bytes(entry: Entry, target: np.dtype | None, buffers: list[memoryview]) -> Iterable[memoryview]:
+    """A tensor's bytes in order: copied from its file through two alternating buffers when stored as-is
+    (no full-size array, so little memory), else from the array `read()` returns (cast if asked)."""
+    if entry.raw is not None and target in (None, entry.dtype):
+        path, ranges = entry.raw
+        with open(path, "rb", buffering=0) as handle:
+            for offset, length in ranges:
+                handle.seek(offset)
+                while length:
+                    buffer = buffers[0]
+                    got = handle.readinto(buffer[:min(length, len(buffer))])
+                    if not got:
+                        raise PipelineError(f"{path} is truncated (a tensor ends past the end of the file)")
+                    yield buffer[:got]
+                    buffers.reverse()        # the other buffer may still be being hashed
+                    length -= got
+        return
+    array = entry.read()
+    if target is not None:
+        array = array.astype(target, copy=False)
+    yield memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+def _write_ckpt_tensor(writer: _HashingWriter, name: str, entry: Entry, chunks: Iterable[memoryview]) -> None:
+    """MindSpore's record stream: records of at most CKPT_SLICE_BYTES, each with the full shape and type."""
+    total, written, left_in_record = entry.nbytes, 0, 0
+    for chunk in chunks:
+        while len(chunk):
+            if not left_in_record:
+                left_in_record = min(CKPT_SLICE_BYTES, total - written)
+                writer.write(_ckpt_record_head(name, entry.shape, MS_NAMES[entry.dtype], left_in_record))
+            part = chunk[:left_in_record]
+            writer.write(part)
+            written += len(part)
+            left_in_record -= len(part)
+            chunk = chunk[len(part):]
+    if not total:
+        writer.write(_ckpt_record_head(name, entry.shape, MS_NAMES[entry.dtype], 0))
 
 
 def _safetensors_header(plan: list[tuple[str, tuple[int, ...], np.dtype]], metadata: dict) -> bytes:
@@ -621,25 +668,23 @@ def write_checkpoint(source: Source, out_dir: str | os.PathLike, fmt: str = "ckp
     if tokenizer is not None and not tokenizer.is_file():
         raise PipelineError(f"tokenizer {tokenizer} does not exist")
     total = sum(entry.nbytes for _, entry in items)
+    buffers = [memoryview(bytearray(COPY_CHUNK)), memoryview(bytearray(COPY_CHUNK))]
     with atomic_dir(out_dir, overwrite) as tmp, ThreadPoolExecutor(1) as pool, \
             Progress("convert", total=total, unit="B", enabled=progress) as bar:
         digests = {}
         for file, shard in zip(files, shards):
             writer = _HashingWriter(tmp / file, pool)
-
-            def arrays():
-                for name, entry in shard:
-                    array = entry.read()
-                    yield names[name], array if target is None else array.astype(target, copy=False)
-                    bar.update(entry.nbytes)
-
-            if fmt == "ckpt":
-                _write_ckpt(writer, arrays())
-            else:
+            if fmt != "ckpt":
                 plan = [(names[name], entry.shape, entry.dtype) for name, entry in shard]
                 writer.write(_safetensors_header(plan, {"format": "pt" if hf else "ms"}))
-                for _, array in arrays():
-                    writer.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+            for name, entry in shard:
+                chunks = _tensor_bytes(source.entries[name], target, buffers)
+                if fmt == "ckpt":
+                    _write_ckpt_tensor(writer, names[name], entry, chunks)
+                else:
+                    for chunk in chunks:
+                        writer.write(chunk)
+                bar.update(entry.nbytes)
             digests[file] = writer.close()
         if hf:
             write_json_atomic(tmp / "config.json", config.to_hf_config())
