@@ -1,0 +1,121 @@
+"""One full checkpoint from a training run: replicas checked, LoRA folded in, written in any output format.
+
+- Data-parallel runs hold one replica per rank (rank_k/step_N/weights.ckpt): they must be bit-identical
+  (they are when the all-reduce worked), and one of them is written.
+- LoRA runs hold only the adapter; it is merged into the base checkpoint it names (whose sha256 must still
+  match): W += (B @ A) * alpha / rank.
+- Sliced checkpoints of model/pipeline-parallel runs (MindFormers' rank_k/*.ckpt plus a strategy file) go
+  through `mindspore.transform_checkpoints` into one slice-free checkpoint first.
+Prefix-tuning adapters are not weights of the base model and cannot be merged into it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from llama.errors import PipelineError
+from llama.fileio import check_output_free, read_json
+from llama.train import checkpointing
+
+
+def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | None = None, fmt: str = "ckpt",
+          base: str | os.PathLike | None = None, strategy: str | os.PathLike | None = None,
+          model_config=None, tokenizer: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
+    """Merge `run_dir` into the checkpoint folder `output` (fmt "ckpt", "safetensors" or "hf"); return a summary.
+
+    `model_config` (a ModelConfig or what `ModelConfig.load` takes) is needed only for sliced checkpoints,
+    which carry none.
+    """
+    from llama.checkpoint import open_checkpoint, read_ckpt_index, save_checkpoint, write_checkpoint
+    from llama.config import ModelConfig
+    from llama.train.lora import merge_lora_weights
+    from llama.train.trainer import checkpoint_identity
+
+    check_output_free(output, overwrite)
+    run_dir = Path(run_dir)
+    if strategy is not None:
+        if model_config is None:
+            raise PipelineError("merging sliced checkpoints needs the model config (--model-config)")
+        config = model_config if isinstance(model_config, ModelConfig) else ModelConfig.load(model_config)
+        with tempfile.TemporaryDirectory(dir=Path(output).resolve().parent) as tmp:
+            merged = _transform_sliced(run_dir, Path(strategy), Path(tmp))
+            manifest = write_checkpoint(open_checkpoint(merged, config), output, fmt, tokenizer=tokenizer,
+                                        overwrite=overwrite, progress=False)
+        return {"output": str(output), "kind": "sliced", "format": fmt, "tensors": manifest["tensors"]}
+
+    world = _rank_count(run_dir)
+    step = step if step is not None else checkpointing.latest_common_step(run_dir, world)
+    if step is None:
+        raise PipelineError(f"{run_dir} has no step that every one of its {world} ranks checkpointed")
+    folders = [checkpointing.step_dir(run_dir, rank, step) for rank in range(world)]
+    for folder in folders:
+        if not folder.is_dir():
+            raise PipelineError(f"{folder} does not exist")
+    states = [checkpointing.verify(folder) for folder in folders]
+    weights = [read_ckpt_index(folder / checkpointing.WEIGHTS) for folder in folders]
+    _check_replicas(folders, weights)
+    state = states[0]
+    config = ModelConfig.from_dict(state["model_config"], f"{folders[0]}/state.json")
+    tensors = {name: entry.read() for name, entry in weights[0].items()}
+    summary = {"output": str(output), "kind": state["kind"], "format": fmt, "step": step, "ranks": world}
+
+    if state["kind"] == "prefix":
+        raise PipelineError(f"{run_dir} trained a prefix-tuning adapter; it feeds the model extra keys and values "
+                            "and has no weights to merge into the base model (load it beside the base instead)")
+    if state["kind"] == "lora":
+        recorded = state["base"]
+        base = Path(base) if base is not None else Path(recorded["path"])
+        if not base.exists():
+            raise PipelineError(f"base checkpoint {base} of this LoRA run does not exist (pass --base)")
+        if checkpoint_identity(base) != recorded["sha256"]:
+            raise PipelineError(f"{base} is not the base checkpoint this adapter was trained on "
+                                f"(sha256 {recorded['sha256'][:16]}... expected)")
+        source = open_checkpoint(base, config)
+        adapter, tensors = tensors, {name: entry.read() for name, entry in source.entries.items()}
+        pet = state["pet"]
+        summary["merged_weights"] = len(merge_lora_weights(tensors, adapter, pet["lora_alpha"], pet["lora_rank"]))
+        summary["base"] = str(base)
+    manifest = save_checkpoint(tensors, output, config, fmt=fmt, tokenizer=tokenizer, overwrite=overwrite)
+    summary["tensors"] = manifest["tensors"]
+    return summary
+
+
+def _rank_count(run_dir: Path) -> int:
+    ranks = sorted(int(p.name[5:]) for p in run_dir.glob("rank_*") if p.name[5:].isdigit())
+    if not ranks:
+        raise PipelineError(f"{run_dir} holds no rank_*/ checkpoint folders (is it a training run folder?)")
+    if ranks != list(range(len(ranks))):
+        raise PipelineError(f"{run_dir} has rank folders {ranks}; expected rank_0 to rank_{len(ranks) - 1}")
+    return len(ranks)
+
+
+def _check_replicas(folders: list[Path], weights: list[dict]) -> None:
+    """Data-parallel replicas must agree bit for bit; name the first tensor where one does not."""
+    digests = [read_json(folder / checkpointing.MANIFEST, "manifest")["files"][checkpointing.WEIGHTS]["sha256"]
+               for folder in folders]
+    for folder, digest, entries in zip(folders[1:], digests[1:], weights[1:]):
+        if digest == digests[0]:
+            continue
+        if set(entries) != set(weights[0]):
+            raise PipelineError(f"{folder} holds other tensors than {folders[0]}")
+        for name, entry in weights[0].items():
+            if not np.array_equal(entry.read(), entries[name].read()):
+                raise PipelineError(f"data-parallel replicas differ: {name} in {folder} is not the same as in "
+                                    f"{folders[0]} (the gradient all-reduce did not keep them in step)")
+
+
+def _transform_sliced(src: Path, strategy: Path, tmp: Path) -> Path:
+    """MindSpore's transform_checkpoints with no destination strategy: all slices into rank_0/merged0.ckpt."""
+    import mindspore as ms
+
+    if not strategy.is_file():
+        raise PipelineError(f"strategy file {strategy} does not exist")
+    ms.transform_checkpoints(str(src), str(tmp), "merged", str(strategy), None)
+    merged = tmp / "rank_0" / "merged0.ckpt"
+    if not merged.is_file():
+        raise PipelineError(f"transform_checkpoints wrote no {merged.relative_to(tmp)} from {src}")
+    return merged
