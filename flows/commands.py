@@ -1,7 +1,6 @@
-"""Flow subcommands: `prepare-data` and `demo`. Prefect is imported only when one of them runs."""
+"""Flow subcommands: `prepare-data`, `run`, `demo`. Prefect is imported only when one of them runs."""
 
 from __future__ import annotations
-
 
 from llama.cli import add_command
 
@@ -10,7 +9,8 @@ def _add_flow_options(parser, default_config: str) -> None:
     parser.add_argument("--config", default=default_config, help=f"flow config YAML (default {default_config})")
     parser.add_argument("--work-dir", default="work", help="where outputs and the download cache live (default work)")
     parser.add_argument("--mirror", help="mirror for remote sources (see `download --help`)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. datasets.alpaca.seq_length=512")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. train.set.optimizer.learning_rate=1e-3")
 
 
 def _prepare_data(args) -> dict:
@@ -19,10 +19,11 @@ def _prepare_data(args) -> dict:
     return prepare_data(config=args.config, overrides=args.overrides, work_dir=args.work_dir, mirror=args.mirror)
 
 
-def _demo(args) -> dict:
+def _run(args) -> dict:
+    from flows.pipeline import pipeline
     from tasks.tracking import tracking_uri
 
-    result = _prepare_data(args)
+    result = pipeline(config=args.config, overrides=args.overrides, work_dir=args.work_dir, mirror=args.mirror)
     result["mlflow_ui"] = f"mlflow ui --backend-store-uri {tracking_uri()}"
     return result
 
@@ -31,6 +32,10 @@ def register(subparsers) -> None:
     parser = add_command(subparsers, "prepare-data", _prepare_data,
                          help="download, tokenize and write verified MindRecord files for every dataset in a config")
     _add_flow_options(parser, "configs/data/demo.yaml")
-    parser = add_command(subparsers, "demo", _demo,
-                         help="run the main job offline on the bundled data (what `make demo` runs)")
-    _add_flow_options(parser, "configs/data/demo.yaml")
+    parser = add_command(subparsers, "run", _run,
+                         help="the whole pipeline as one cached Prefect flow: data, convert, train, merge, evaluate, "
+                              "register")
+    _add_flow_options(parser, "configs/pipeline/demo.yaml")
+    parser = add_command(subparsers, "demo", _run,
+                         help="the main job offline on the bundled data (what `make demo` runs)")
+    _add_flow_options(parser, "configs/pipeline/demo.yaml")

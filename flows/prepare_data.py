@@ -12,25 +12,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import load_flow_config, outcome
-from llama.download import Source, load_sources
+from flows.common import Inputs, load_flow_config, outcome
 from llama.errors import PipelineError
 from llama.fileio import sha256_file
-from llama.yamlconfig import resolve_path
-from tasks.data import download_source, preprocess
+from tasks.data import preprocess
 from tasks.tracking import Run
 
 DATASET_KEYS = ("kind", "input")
-
-
-def _input(value: str, sources: dict[str, Source], base: Path) -> Source | str:
-    """A config input: the name of a download source, or a file path relative to the config."""
-    if value in sources:
-        return sources[value]
-    path = resolve_path(value, base)
-    if not path.is_file():
-        raise PipelineError(f"input {value!r} is neither a source in the sources file nor an existing file")
-    return str(path)
 
 
 @flow(name="prepare-data", log_prints=True)
@@ -38,22 +26,10 @@ def prepare_data(config: str = "configs/data/demo.yaml", overrides: list[str] | 
                  work_dir: str = "work", mirror: str | None = None, parent_run_id: str | None = None) -> dict:
     """Download → tokenize → MindRecord for every dataset in the config; returns their summaries."""
     settings, base = load_flow_config(config, overrides)
-    sources = load_sources(resolve_path(settings["sources"], base)) if settings.get("sources") else {}
     datasets = settings.get("datasets") or {}
     if not datasets:
         raise PipelineError(f"config {config} lists no datasets")
-    cache_dir = str(Path(work_dir) / "cache")
-
-    downloads = {}
-
-    def resolve(value: str):
-        found = _input(value, sources, base)
-        if isinstance(found, Source):
-            if found.name not in downloads:
-                downloads[found.name] = download_source.submit(found, cache_dir, mirror)
-            return downloads[found.name]
-        return found
-
+    resolve = Inputs(settings, base, work_dir, mirror)
     tokenizer = resolve(settings["tokenizer"])
     jobs = {}
     for name, spec in datasets.items():
@@ -64,7 +40,7 @@ def prepare_data(config: str = "configs/data/demo.yaml", overrides: list[str] | 
         jobs[name] = preprocess.submit(name, spec["kind"], resolve(spec["input"]), tokenizer, options, work_dir)
 
     results = {name: job.result() for name, job in jobs.items()}
-    tasks = {f"download-{name}": outcome(job) for name, job in downloads.items()}
+    tasks = resolve.outcomes()
     tasks.update({f"preprocess-{name}": outcome(job) for name, job in jobs.items()})
     run_id = _track(settings, results, parent_run_id)
     for name, summary in results.items():

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -24,6 +25,10 @@ import llama
 from llama.fileio import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# MindSpore's graph compiler is not thread-safe and Prefect runs tasks in threads: tasks that build and run a
+# model hold this lock, so independent stages still overlap their other work (tokenizing, hashing, I/O).
+MINDSPORE_LOCK = threading.Lock()
 CODE_PACKAGES = ("llama", "tasks")
 
 
