@@ -1,0 +1,98 @@
+"""Merging: LoRA folded into its base gives the adapter model's logits; replicas and bases are checked."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from llama.errors import PipelineError
+from llama.train import checkpointing
+from llama.train.config import TrainConfig
+from llama.train.merge import merge
+from llama.train.trainer import train
+from test_train_support import alpaca_records, base_checkpoint, sample_ids, tiny_config  # noqa: F401
+
+pytestmark = pytest.mark.slow
+LORA = {"type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": "wq|wk|wv|wo"}
+
+
+def _finetune(records, base, out, pet):
+    config = tiny_config(run_mode="finetune", model={"checkpoint": str(base)}, pet=pet,
+                         data={"train": str(records), "batch_size": 2}, training={"max_steps": 3},
+                         checkpoint={"save_steps": 3})
+    train(config, out)
+    return config
+
+
+@pytest.fixture(scope="module")
+def lora_run(alpaca_records, base_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "run"
+    return out, _finetune(alpaca_records, base_checkpoint, out, LORA)
+
+
+def test_lora_merge_gives_the_logits_of_base_plus_adapter(lora_run, tmp_path):
+    import mindspore as ms
+    from llama.checkpoint import load_checkpoint
+    from llama.train.trainer import build_network
+
+    run, config = lora_run
+    adapter = checkpointing.load_tensors(run / "rank_0/step_00000003/weights.ckpt")
+    assert adapter and all("mindpet_delta_lora" in name for name in adapter)
+    assert any(np.abs(adapter[name].asnumpy()).max() > 0 for name in adapter if name.endswith("lora_b"))
+
+    summary = merge(run, tmp_path / "merged")
+    assert summary["kind"] == "lora" and summary["merged_weights"] == 2 * 4
+
+    network = build_network(TrainConfig.from_dict(config))
+    checkpointing.restore(list(network.net.trainable_params()), adapter, "adapter")
+    network.net.set_train(False)
+    ids = ms.Tensor(sample_ids())
+    expected = network.net(ids).asnumpy()
+    merged, _ = load_checkpoint(tmp_path / "merged")
+    np.testing.assert_allclose(merged(ids).asnumpy(), expected, atol=2e-4, rtol=1e-4)
+
+    base, _ = load_checkpoint(config["model"]["checkpoint"])
+    assert np.abs(base(ids).asnumpy() - expected).max() > 1e-3, "the adapter should change the logits"
+
+    hf = merge(run, tmp_path / "hf", fmt="hf")
+    assert hf["format"] == "hf" and (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_lora_merge_refuses_a_different_base(lora_run, tmp_path):
+    run, _ = lora_run
+    other = tmp_path / "other"
+    shutil.copytree(json.loads((run / "rank_0/step_00000003/state.json").read_text())["base"]["path"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["files"]["model.ckpt"]["sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PipelineError, match="is not the base checkpoint this adapter was trained on"):
+        merge(run, tmp_path / "merged", base=other)
+
+
+def test_replicas_must_be_identical(lora_run, tmp_path):
+    import mindspore as ms
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run[0] / "rank_0", run / "rank_0")
+    folder = run / "rank_0/step_00000003"
+    state = checkpointing.verify(folder)
+    weights = checkpointing.load_tensors(folder / checkpointing.WEIGHTS)
+    optimizer = list(checkpointing.load_tensors(folder / checkpointing.OPTIMIZER).values())
+    checkpointing.save(run, 1, 3, list(weights.values()), optimizer, state, keep_last=1)
+    assert merge(run, tmp_path / "same")["ranks"] == 2
+
+    name = sorted(weights)[0]
+    weights[name].set_data(weights[name] + ms.Tensor(1e-3, weights[name].dtype))
+    checkpointing.save(run, 1, 3, list(weights.values()), optimizer, state, keep_last=1)
+    with pytest.raises(PipelineError, match=f"replicas differ: {name}"):
+        merge(run, tmp_path / "different")
+
+
+def test_prefix_adapters_are_not_merged(alpaca_records, base_checkpoint, tmp_path):
+    _finetune(alpaca_records, base_checkpoint, tmp_path / "run", {"type": "prefix", "prefix_token_num": 4,
+                                                                 "mid_dim": 32})
+    saved = checkpointing.load_tensors(tmp_path / "run/rank_0/step_00000003/weights.ckpt")
+    assert saved and all(name.startswith("prefix_layers.") for name in saved)
+    with pytest.raises(PipelineError, match="prefix-tuning adapter"):
+        merge(tmp_path / "run", tmp_path / "merged")
