@@ -1,4 +1,4 @@
-"""Flow subcommands: `prepare-data`, `run`, `demo`. Prefect is imported only when one of them runs."""
+"""Flow subcommands: `prepare-data`, `run`, `demo`, `serve`. Prefect is imported only when one of them runs."""
 
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ def _run(args) -> dict:
     return result
 
 
+def _serve(args) -> dict:
+    """Serve the pipeline as a Prefect deployment on a cron schedule (blocks until interrupted)."""
+    from flows.pipeline import pipeline
+
+    parameters = {"config": args.config, "overrides": args.overrides, "work_dir": args.work_dir, "mirror": args.mirror}
+    pipeline.serve(name=args.name, cron=args.cron or None, parameters=parameters,
+                   description=f"Retrain and evaluate {args.config} on a schedule")
+    return {"deployment": f"llama2-pipeline/{args.name}", "stopped": True}
+
+
 def register(subparsers) -> None:
     parser = add_command(subparsers, "prepare-data", _prepare_data,
                          help="download, tokenize and write verified MindRecord files for every dataset in a config")
@@ -39,3 +49,9 @@ def register(subparsers) -> None:
     parser = add_command(subparsers, "demo", _run,
                          help="the main job offline on the bundled data (what `make demo` runs)")
     _add_flow_options(parser, "configs/pipeline/demo.yaml")
+    parser = add_command(subparsers, "serve", _serve,
+                         help="serve the pipeline as a Prefect deployment with a retraining schedule")
+    _add_flow_options(parser, "configs/pipeline/demo.yaml")
+    parser.add_argument("--name", default="retrain", help="deployment name (default retrain)")
+    parser.add_argument("--cron", default="0 3 * * 1",
+                        help="schedule, cron syntax (default weekly: Monday 03:00); '' for none")

@@ -22,7 +22,7 @@ from flows.common import REPO, Inputs, load_flow_config, outcome
 from flows.prepare_data import prepare_data
 from llama.errors import PipelineError
 from llama.train.config import load_train_config
-from llama.yamlconfig import resolve_path
+from llama.yamlconfig import as_overrides, resolve_path
 from tasks import evaluate, model, train
 from tasks.cache import code_version
 from tasks.tracking import Run
@@ -48,6 +48,13 @@ class Stages:
         self.parent.log_params(settings)
         self.outcomes: dict[str, str] = {}
 
+    def note(self, outcomes: dict[str, str]) -> None:
+        """Record tasks' outcomes; a task that ran anywhere in this flow run counts as ran (a source is
+        downloaded once, then found in the cache by the next stage that needs it)."""
+        for task_name, how in outcomes.items():
+            if self.outcomes.get(task_name) != "ran":
+                self.outcomes[task_name] = how
+
     def start(self, stage: str) -> Run:
         return Run.start(stage, parent=self.parent, tags={"stage": stage})
 
@@ -56,7 +63,7 @@ class Stages:
         the stage's run."""
         try:
             result = future.result()
-            self.outcomes[stage] = outcome(future)
+            self.note({stage: outcome(future)})
             if log is not None:
                 log(run, result, self.outcomes[stage])
         except BaseException:
@@ -89,7 +96,7 @@ def pipeline(config: str = "configs/pipeline/demo.yaml", overrides: list[str] | 
 
 def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages) -> dict:
     resolve = Inputs(settings, base, work_dir, mirror)
-    model_settings, train_settings = settings["model"], settings["train"]
+    model_settings, train_settings = settings["model"], settings.get("train")
     tokenizer = resolve(model_settings["tokenizer"]) if model_settings.get("tokenizer") else None
 
     # Weight conversion starts while the data flow runs.
@@ -98,28 +105,27 @@ def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages
                                      model_settings.get("dtype"), tokenizer)
     data = prepare_data(config=str(resolve_path(settings["data"], base)), work_dir=work_dir, mirror=mirror,
                         parent_run_id=stages.parent.run_id)
-    stages.outcomes.update(data["tasks"])
+    stages.note(data["tasks"])
     datasets = data["datasets"]
     base_checkpoint = stages.finish("convert", convert_run, converted, lambda run, result, _: run.log_params(result))
 
-    # Training.
-    if train_settings["dataset"] not in datasets:
-        raise PipelineError(f"train.dataset {train_settings['dataset']!r} is not a dataset of {settings['data']}")
-    recipe = resolve_path(train_settings["recipe"], base)
-    overrides = [f"{key}={'null' if value is None else value}" for key, value in (train_settings.get("set") or {}).items()]
-    train_config = load_train_config(recipe, overrides).to_dict()
-    train_run = stages.start("train")
-    train_run.log_params({"recipe": recipe.name, **train_config})
-    trained = stages.finish("train", train_run, train.train.submit(
-        recipe.stem, train_config, datasets[train_settings["dataset"]]["output"], base_checkpoint["checkpoint"],
-        work_dir, train_run.run_id), lambda run, result, how: train.log_training(run, result, how == "cached"))
-
-    # Merge the ranks (and the LoRA adapter into its base).
-    merge_run = stages.start("merge")
-    merged = stages.finish("merge", merge_run, train.merge.submit(
-        trained["output_dir"], base_checkpoint["checkpoint"], tokenizer, work_dir,
-        settings.get("merge", {}).get("format", "ckpt")))
-    checkpoint = merged["checkpoint"]
+    # Training and merging (a config without `train` evaluates the converted weights as they are).
+    checkpoint, trained, recipe_name = base_checkpoint["checkpoint"], {}, None
+    if train_settings:
+        if train_settings["dataset"] not in datasets:
+            raise PipelineError(f"train.dataset {train_settings['dataset']!r} is not a dataset of {settings['data']}")
+        recipe = resolve_path(train_settings["recipe"], base)
+        recipe_name = recipe.stem
+        train_config = load_train_config(recipe, as_overrides(train_settings.get("set") or {})).to_dict()
+        train_run = stages.start("train")
+        train_run.log_params({"recipe": recipe.name, **train_config})
+        trained = stages.finish("train", train_run, train.train.submit(
+            recipe_name, train_config, datasets[train_settings["dataset"]]["output"], checkpoint, work_dir,
+            train_run.run_id), lambda run, result, how: train.log_training(run, result, how == "cached"))
+        merge_run = stages.start("merge")
+        checkpoint = stages.finish("merge", merge_run, train.merge.submit(
+            trained["output_dir"], base_checkpoint["checkpoint"], tokenizer, work_dir,
+            settings.get("merge", {}).get("format", "ckpt")))["checkpoint"]
 
     # Evaluation, every part concurrently.
     metrics = _evaluate(settings.get("evaluate") or {}, checkpoint, datasets, resolve, work_dir, stages)
@@ -131,7 +137,8 @@ def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages
         register_run = stages.start("register")
         registered = stages.finish("register", register_run, model.register.submit(
             checkpoint, settings["register"]["model_name"], metrics, register_run.run_id,
-            {"pipeline": settings.get("name", "pipeline"), "train_recipe": recipe.stem}))
+            {"pipeline": settings.get("name", "pipeline"), "train_recipe": recipe_name or "none"}))
+    stages.note(resolve.outcomes())
     return {"metrics": metrics, "checkpoint": checkpoint, "registered": registered}
 
 

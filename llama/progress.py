@@ -46,7 +46,7 @@ class Progress:
         parts = [f"{self.label}: {self.done:,}" + (f"/{self.total:,}" if self.total else "") + f" {self.unit}"]
         if self.total:
             parts.append(f"{100.0 * self.done / self.total:5.1f}%")
-        parts.append(f"{rate:,.0f} {self.unit}/s")
+        parts.append(f"{rate:,.0f} {self.unit}/s" if rate >= 10 else f"{rate:.2f} {self.unit}/s")
         if self.total and rate > 0:
             parts.append(f"left {_duration((self.total - self.done) / rate)}")
         parts.append(f"elapsed {_duration(elapsed)}")

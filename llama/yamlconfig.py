@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from pathlib import Path
@@ -68,3 +69,19 @@ def resolve_path(value: str | os.PathLike, base: str | os.PathLike) -> Path:
     path = Path(os.path.expanduser(str(value)))
     return path if path.is_absolute() else Path(base) / path
 
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """`{"train": {"lr": 1e-4}}` → `{"train.lr": 1e-4}`: nested sections as dotted keys."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def as_overrides(config: dict) -> list[str]:
+    """A nested mapping as `key.path=value` overrides (values in JSON, which YAML reads back unchanged)."""
+    return [f"{key}={json.dumps(value)}" for key, value in flatten(config).items()]

@@ -54,8 +54,17 @@ def _imported_modules(path: Path) -> set[str]:
     return {name for name in names if _module_file(name)}
 
 
-@functools.lru_cache(maxsize=None)
+_CODE_VERSION_LOCK = threading.Lock()
+
+
 def code_version(module: str) -> str:
+    """Digest of the source of `module` and of every project module it imports, transitively."""
+    with _CODE_VERSION_LOCK:  # task threads ask at once; CPython 3.11's ast.parse is not safe across threads
+        return _code_version(module)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_version(module: str) -> str:
     """Digest of the source of `module` and of every project module it imports, transitively.
 
     A change to the tokenizer reruns tokenization but not conversion; a change to the model does not

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from llama.yamlconfig import flatten
+
 DEFAULT_EXPERIMENT = "llama2-pipeline"
 MAX_PARAM_LENGTH = 6000
 
@@ -27,15 +29,10 @@ def client():
     return MlflowClient(tracking_uri=tracking_uri())
 
 
-def flatten(config: Any, prefix: str = "") -> dict[str, str]:
-    """`{"train": {"lr": 1e-4}}` → `{"train.lr": "0.0001"}`: MLflow params are flat strings."""
-    if isinstance(config, dict):
-        flat: dict[str, str] = {}
-        for key, value in config.items():
-            flat.update(flatten(value, f"{prefix}{key}."))
-        return flat
-    value = json.dumps(config) if isinstance(config, (list, tuple)) else str(config)
-    return {prefix.rstrip("."): value[:MAX_PARAM_LENGTH]}
+def as_params(config: dict) -> dict[str, str]:
+    """MLflow params are flat strings: `{"train": {"lr": 1e-4}}` → `{"train.lr": "0.0001"}`."""
+    return {key: (json.dumps(value) if isinstance(value, (list, tuple)) else str(value))[:MAX_PARAM_LENGTH]
+            for key, value in flatten(config).items()}
 
 
 class Run:
@@ -60,7 +57,7 @@ class Run:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = flatten(params)
+        flat = as_params(params)
         batch = [Param(key, value) for key, value in flat.items()]
         for start in range(0, len(batch), 100):
             self.client.log_batch(self.run_id, params=batch[start:start + 100])

@@ -23,3 +23,10 @@ def test_bad_yaml_files(tmp_path):
     for name, words in [("list.yaml", "mapping"), ("broken.yaml", "not valid YAML"), ("none.yaml", "does not exist")]:
         with pytest.raises(PipelineError, match=words):
             load_yaml(tmp_path / name)
+
+
+def test_nested_settings_round_trip_through_overrides():
+    from llama.yamlconfig import as_overrides
+
+    nested = {"model": {"config": None}, "optimizer": {"learning_rate": 2e-3}, "pet": {"target_modules": "wq|wv"}}
+    assert apply_overrides({}, as_overrides(nested)) == nested
