@@ -20,6 +20,7 @@ from prefect import flow, runtime
 
 from flows.common import REPO, Inputs, load_flow_config, outcome
 from flows.prepare_data import prepare_data
+from llama.config import CONFIG_DIR
 from llama.errors import PipelineError
 from llama.train.config import load_train_config
 from llama.yamlconfig import as_overrides, resolve_path
@@ -102,7 +103,8 @@ def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages
     # Weight conversion starts while the data flow runs.
     convert_run = stages.start("convert")
     converted = model.convert.submit(resolve(model_settings["weights"]), work_dir, model_settings.get("format", "ckpt"),
-                                     model_settings.get("dtype"), tokenizer)
+                                     model_settings.get("dtype"), tokenizer,
+                                     _model_config_file(model_settings.get("model_config"), base))
     data = prepare_data(config=str(resolve_path(settings["data"], base)), work_dir=work_dir, mirror=mirror,
                         parent_run_id=stages.parent.run_id)
     stages.note(data["tasks"])
@@ -140,6 +142,14 @@ def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages
             {"pipeline": settings.get("name", "pipeline"), "train_recipe": recipe_name or "none"}))
     stages.note(resolve.outcomes())
     return {"metrics": metrics, "checkpoint": checkpoint, "registered": registered}
+
+
+def _model_config_file(value: str | None, base) -> str | None:
+    """A model config for weights that carry none: a file next to the config, or a name in configs/model."""
+    if value is None:
+        return None
+    path = resolve_path(value, base)
+    return str(path if path.exists() else CONFIG_DIR / f"{value}.yaml")
 
 
 def _evaluate(settings: dict, checkpoint: str, datasets: dict, resolve: Inputs, work_dir: str,

@@ -1,0 +1,29 @@
+"""Every shipped pipeline config parses and refers to recipes, data configs, datasets and sources that exist."""
+
+from pathlib import Path
+
+import pytest
+
+from flows.common import load_flow_config
+from llama.download import load_sources
+from llama.train.config import load_train_config
+from llama.yamlconfig import as_overrides, load_yaml, resolve_path
+
+PIPELINES = sorted((Path(__file__).resolve().parent.parent / "configs" / "pipeline").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.stem)
+def test_pipeline_config_is_consistent(path):
+    settings, base = load_flow_config(str(path))
+    sources = load_sources(resolve_path(settings["sources"], base))
+    data_path = resolve_path(settings["data"], base)
+    data = load_yaml(data_path)
+    datasets = data["datasets"]
+    assert data["tokenizer"] in load_sources(resolve_path(data["sources"], data_path.parent))
+    assert settings["model"]["tokenizer"] in sources
+    if "train" in settings:
+        assert settings["train"]["dataset"] in datasets
+        load_train_config(resolve_path(settings["train"]["recipe"], base), as_overrides(settings["train"].get("set") or {}))
+    evaluate = settings["evaluate"]
+    for options in list(evaluate.get("perplexity", {}).values()) + [evaluate["squad"]]:
+        assert options["data"] in datasets or options["data"] in sources
