@@ -18,10 +18,10 @@ demo: venv
 	$(BIN)/llama2-pipeline demo
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python tests/run_suite.py
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python tests/run_suite.py -m "not slow"
 
 bench: venv
 	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done

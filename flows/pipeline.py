@@ -14,9 +14,11 @@ reruns exactly the stages after it. Each flow run is one MLflow parent run with 
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 from prefect import flow, runtime
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.common import REPO, Inputs, load_flow_config, outcome
 from flows.prepare_data import prepare_data
@@ -72,7 +74,16 @@ class Stages:
             raise
         run.set_tags({"cached": self.outcomes[stage] == "cached"})
         run.end()
+        _summarize_in_prefect(stage, self.outcomes[stage], result)
         return result
+
+
+def _summarize_in_prefect(stage: str, how: str, result: dict) -> None:
+    """A table artifact per stage, so the Prefect UI shows what each stage produced."""
+    rows = [{"key": key, "value": json.dumps(value) if isinstance(value, (dict, list)) else str(value)}
+            for key, value in result.items() if not isinstance(value, (dict, list)) or len(str(value)) < 200]
+    create_table_artifact([{"key": "outcome", "value": how}, *rows], key=f"stage-{stage}".lower().replace("_", "-"),
+                          description=f"{stage}: {how}")
 
 
 @flow(name="llama2-pipeline", log_prints=True)
@@ -90,6 +101,9 @@ def pipeline(config: str = "configs/pipeline/demo.yaml", overrides: list[str] | 
     stages.parent.log_metrics(result["metrics"])
     stages.parent.end()
     result.update(mlflow_run_id=stages.parent.run_id, tasks=stages.outcomes)
+    create_markdown_artifact("| metric | value |\n|---|---|\n" + "".join(
+        f"| {key} | {value:.4f} |\n" for key, value in sorted(result["metrics"].items())),
+        key="pipeline-metrics", description=f"{name}: evaluation metrics")
     for key, value in sorted(result["metrics"].items()):
         print(f"{key:>32} {value:.4f}")
     return result

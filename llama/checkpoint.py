@@ -45,7 +45,7 @@ import numpy as np
 
 from llama.config import ModelConfig, llama_intermediate_size
 from llama.errors import PipelineError
-from llama.fileio import atomic_dir, read_json, sha256_file, write_json_atomic
+from llama.fileio import atomic_dir, file_entry, read_json, verify_files, write_json_atomic
 from llama.progress import Progress
 
 FORMAT = "llama2-pipeline checkpoint 1"
@@ -454,17 +454,7 @@ def verify_folder(folder: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
             or not isinstance(manifest.get("files"), dict):
         raise PipelineError(f"{folder / MANIFEST} is not a checkpoint manifest of this pipeline")
-    for name, info in manifest["files"].items():
-        path = folder / name
-        if Path(name).name != name:
-            raise PipelineError(f"{folder / MANIFEST} lists a file outside its folder: {name}")
-        if not path.is_file():
-            raise PipelineError(f"{path} is missing")
-        if path.stat().st_size != info["size"]:
-            raise PipelineError(f"{path} has {path.stat().st_size} bytes, the manifest says {info['size']}")
-    for name, info in manifest["files"].items():
-        if sha256_file(folder / name) != info["sha256"]:
-            raise PipelineError(f"{folder / name} does not match the sha256 in its manifest (damaged or changed)")
+    verify_files(folder, manifest["files"], MANIFEST)
     return manifest
 
 
@@ -701,7 +691,7 @@ def write_checkpoint(source: Source, out_dir: str | os.PathLike, fmt: str = "ckp
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
         for path in sorted(tmp.iterdir()):
             if path.name not in digests:
-                digests[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+                digests[path.name] = file_entry(path)
         manifest = {
             "format": FORMAT,
             "kind": "huggingface" if hf else "mindspore",

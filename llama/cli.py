@@ -22,7 +22,6 @@ LIBRARY_COMMANDS = (
     "llama.download",
     "llama.data.cli",
     "llama.convert",
-    "llama.generate",
     "llama.train.cli",
     "llama.eval.cli",
 )

@@ -104,6 +104,30 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def file_entry(path: str | os.PathLike) -> dict:
+    """What a manifest records of a file: its size and sha256."""
+    return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def verify_files(folder: str | os.PathLike, files: dict, manifest: str = "manifest.json") -> None:
+    """Check the files a manifest lists (sizes first, which is cheap, then sha256s) before anything reads them.
+
+    A one-line error names the first file that is missing, of the wrong size, or changed.
+    """
+    folder = Path(folder)
+    for name, info in files.items():
+        path = folder / name
+        if Path(name).name != name:
+            raise PipelineError(f"{folder / manifest} lists a file outside its folder: {name}")
+        if not path.is_file():
+            raise PipelineError(f"{path} is missing")
+        if path.stat().st_size != info["size"]:
+            raise PipelineError(f"{path} has {path.stat().st_size} bytes, the manifest says {info['size']}")
+    for name, info in files.items():
+        if sha256_file(folder / name) != info["sha256"]:
+            raise PipelineError(f"{folder / name} does not match the sha256 in its manifest (damaged or changed)")
+
+
 def read_text(path: str | os.PathLike, what: str = "input") -> str:
     """A UTF-8 text file's content, or a one-line error for a missing, undecodable or empty file."""
     path = Path(path)

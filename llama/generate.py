@@ -1,4 +1,5 @@
-"""Text generation: `generate(model, prompt_ids, ...)` and the `llama2-pipeline generate` command.
+"""Text generation with the KV cache: `generate(model, prompt_ids, ...)`; the CLI is `predict`/`generate`
+(llama/eval/predict.py).
 
     generate(model, prompt_ids: list[list[int]], max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
              seed=0, eos_id=2, pad_id=0) -> list[list[int]]   # the new ids of each prompt (EOS included)
@@ -15,13 +16,10 @@ temperature 0 is greedy.
 
 from __future__ import annotations
 
-import time
 import weakref
-from pathlib import Path
 
 import numpy as np
 
-from llama.cli import add_command
 from llama.errors import PipelineError
 
 NEG_INF = -1e9
@@ -120,67 +118,3 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
             break
         logits = run(next_ids.astype(np.int32)[:, None], prompt_len + i)
     return out
-
-
-def _read_prompts(args) -> list[str]:
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise PipelineError(f"prompts file {path} does not exist")
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise PipelineError(f"prompts file {path} has no prompts")
-        return prompts
-    return list(args.prompt)
-
-
-def run_generate(args) -> dict:
-    from llama.checkpoint import TOKENIZER, load_checkpoint
-    from llama.config import ModelConfig
-    from llama.data.tokenizer import Tokenizer
-
-    prompts = _read_prompts(args)
-    model_config = ModelConfig.load(args.model_config) if args.model_config else None
-    model, config = load_checkpoint(args.checkpoint, model_config, args.dtype)
-    tokenizer_path = args.tokenizer or Path(args.checkpoint) / TOKENIZER
-    if not Path(tokenizer_path).is_file():
-        raise PipelineError(f"no tokenizer: pass --tokenizer (the checkpoint folder has no {TOKENIZER})")
-    tokenizer = Tokenizer(tokenizer_path)
-    eos_id = None if args.ignore_eos else tokenizer.eos_id
-    results, start, new_tokens = [], time.monotonic(), 0
-    for first in range(0, len(prompts), args.batch_size):
-        batch = prompts[first:first + args.batch_size]
-        prompt_ids = [tokenizer.encode(text, bos=True) for text in batch]
-        outputs = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                           args.seed + first, eos_id, config.pad_token_id)
-        for text, ids in zip(batch, outputs):
-            new_tokens += len(ids)
-            results.append({"prompt": text, "completion": tokenizer.decode(ids), "ids": ids})
-            if not args.json:
-                print(text + results[-1]["completion"], flush=True)
-    seconds = time.monotonic() - start
-    summary = {"prompts": len(prompts), "new_tokens": new_tokens, "seconds": round(seconds, 3),
-               "tokens_per_s": round(new_tokens / seconds, 1) if seconds else None}
-    return {"completions": results, **summary} if args.json else summary
-
-
-def register(subparsers) -> None:
-    parser = add_command(subparsers, "generate", run_generate,
-                         help="generate text from prompts with a converted checkpoint (KV cache, batched)")
-    parser.add_argument("--checkpoint", required=True,
-                        help="a converted folder, or any checkpoint `convert` reads (with --model-config if bare)")
-    parser.add_argument("--model-config", help="model config: a name in configs/model, our YAML, HF config.json "
-                                               "or a MindFormers YAML")
-    parser.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint folder's tokenizer.model)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", action="append", help="a prompt (repeatable; \"\" starts from BOS alone)")
-    source.add_argument("--prompts-file", help="a text file with one prompt per line")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (left-padded)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                        help="weight dtype (default: the checkpoint's); bf16 computes in float32 on CPU")
-    parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")

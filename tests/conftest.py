@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from llama.cli import run as cli
+
 _HOME = Path(tempfile.mkdtemp(prefix="llama2-pipeline-tests-"))
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.update(
@@ -63,3 +65,38 @@ def llama2_tokenizer(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def tok512() -> Path:
     return FIXTURES / "tok512.model"
+
+
+# Training and merge inputs: tiny records made by the real preprocess stage, and a tiny base checkpoint.
+
+@pytest.fixture(scope="session")
+def wiki_records(tmp_path_factory, fixtures):
+    """WikiText-2 slice as rows of 129 tokens (tok512), via `preprocess wiki`."""
+    out = tmp_path_factory.mktemp("records") / "wiki128"
+    assert cli(["preprocess", "wiki", "--input", str(fixtures / "wiki_slice.tokens"), "--tokenizer",
+                str(fixtures / "tok512.model"), "--seq-length", "128", "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def alpaca_records(tmp_path_factory, fixtures):
+    """The Alpaca seed tasks as input_ids + labels rows of 385 tokens, via `preprocess alpaca`."""
+    out = tmp_path_factory.mktemp("records") / "alpaca384"
+    assert cli(["preprocess", "alpaca", "--input", str(fixtures / "alpaca_seed_tasks.json"), "--tokenizer",
+                str(fixtures / "tok512.model"), "--seq-length", "384", "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(tmp_path_factory):
+    """A tiny model with seeded random weights, saved as a verified checkpoint folder."""
+    import mindspore as ms
+    from llama.checkpoint import save_checkpoint
+    from llama.config import ModelConfig
+    from llama.model import LlamaForCausalLM
+
+    ms.set_seed(7)
+    config = ModelConfig.named("tiny")
+    out = tmp_path_factory.mktemp("base") / "tiny"
+    save_checkpoint(LlamaForCausalLM(config), out, config)
+    return out

@@ -129,6 +129,8 @@ def test_squad_end_to_end_writes_scored_predictions(stories, fixtures, tmp_path)
     assert (tmp_path / "a" / "worst_answers.md").read_text().count("\n|") == 2 + 2
     again = evaluate_squad(stories / "ckpt", fixtures / "squad_dev_slice.json", tmp_path / "b", **args)
     assert pq.read_table(tmp_path / "b" / "predictions.parquet").to_pylist() == rows
+    assert {k: v for k, v in again.items() if k.startswith("squad_")} == \
+        {k: v for k, v in result.items() if k.startswith("squad_")}
 
 
 # ------------------------------------------------------------------------------------ CLI errors

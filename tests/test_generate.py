@@ -62,9 +62,9 @@ def test_cli_prompts_file_and_json(hf_dir, fixtures, tmp_path, capsys):
     assert run(argv + ["--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [c["prompt"] for c in result["completions"]] == ["Once upon a time", "Lily"]
-    assert all(1 <= len(c["ids"]) <= 5 for c in result["completions"])
+    assert all(1 <= c["new_tokens"] <= 5 for c in result["completions"])
     assert run(argv) == 0
-    assert capsys.readouterr().out.startswith("Once upon a time" + result["completions"][0]["completion"])
+    assert f"completion_1: Once upon a time{result['completions'][0]['completion']}" in capsys.readouterr().out
 
 
 @pytest.mark.slow

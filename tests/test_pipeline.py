@@ -43,6 +43,7 @@ def test_demo_runs_reruns_from_cache_and_reruns_only_what_a_change_touches(tmp_p
     assert stages["prepare-data"].inputs.dataset_inputs
     version = client.get_model_version("llama2-demo", first["registered"]["version"])
     assert float(version.tags["metric.ppl_mindformers"]) == pytest.approx(metrics["ppl_mindformers"])
+    assert {"pipeline-metrics", "stage-train", "stage-squad"} <= _prefect_artifact_keys()
 
     second = pipeline(config="configs/pipeline/demo.yaml", overrides=QUICK, work_dir=work)
     assert set(second["tasks"].values()) == {"cached"}
@@ -53,3 +54,10 @@ def test_demo_runs_reruns_from_cache_and_reruns_only_what_a_change_touches(tmp_p
     ran = {task for task, how in third["tasks"].items() if how == "ran"}
     assert ran == AFTER_TRAINING
     assert third["checkpoint"] != first["checkpoint"]
+
+
+def _prefect_artifact_keys() -> set[str]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        return {artifact.key for artifact in prefect.read_artifacts()}

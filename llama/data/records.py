@@ -21,7 +21,7 @@ import numpy as np
 
 from llama.data.tokenizer import Tokenizer
 from llama.errors import PipelineError
-from llama.fileio import atomic_dir, read_json, sha256_file, write_json_atomic
+from llama.fileio import atomic_dir, file_entry, read_json, verify_files, write_json_atomic
 from llama.progress import Progress
 
 FORMAT = "llama2-pipeline records 1"
@@ -67,8 +67,7 @@ def write_records(out_dir: str | os.PathLike, columns: dict[str, np.ndarray], *,
             "sources": dict(sources),
             "stats": {"dropped": 0, "truncated": 0, **stats},
             "mindrecord": file_name,
-            "files": {path.name: {"size": path.stat().st_size, "sha256": sha256_file(path)}
-                      for path in sorted(tmp.iterdir())},
+            "files": {path.name: file_entry(path) for path in sorted(tmp.iterdir())},
         }
         write_json_atomic(tmp / MANIFEST, manifest)
     return manifest
@@ -97,18 +96,7 @@ def verify(out_dir: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
             or not isinstance(manifest.get("files"), dict) or manifest.get("mindrecord") not in manifest["files"]:
         raise PipelineError(f"{out / MANIFEST} is not a records manifest of this pipeline")
-    files = manifest["files"]
-    for name, info in files.items():
-        path = out / name
-        if Path(name).name != name:
-            raise PipelineError(f"{out / MANIFEST} lists a file outside its folder: {name}")
-        if not path.is_file():
-            raise PipelineError(f"{path} is missing")
-        if path.stat().st_size != info["size"]:
-            raise PipelineError(f"{path} has {path.stat().st_size} bytes, the manifest says {info['size']}")
-    for name, info in files.items():
-        if sha256_file(out / name) != info["sha256"]:
-            raise PipelineError(f"{out / name} does not match the sha256 in its manifest (damaged or changed)")
+    verify_files(out, manifest["files"], MANIFEST)
     return manifest
 
 

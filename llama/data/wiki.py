@@ -81,6 +81,12 @@ def standard_text(text: str) -> str:
     return "\n\n".join(line if line.strip() else "" for line in io.StringIO(text))
 
 
+def standard_ids(text: str, tokenizer: Tokenizer):
+    """The standard convention's token stream: the raw text joined as above, one BOS, plain sentencepiece."""
+    ids, _ = tokenizer.encode_flat([standard_text(text)], bos=True, split_special=False)
+    return ids
+
+
 def preprocess_wiki(input: str | Path, tokenizer: str | Path | Tokenizer, seq_length: int, output: str | Path,
                     mode: str = "mindformers", overwrite: bool = False, show_progress: bool = True) -> dict:
     """Tokenize a WikiText file into rows (see the module docstring) and write them; return the manifest."""
@@ -100,7 +106,7 @@ def preprocess_wiki(input: str | Path, tokenizer: str | Path | Tokenizer, seq_le
         row_length = seq_length + 1
         counts = {"paragraphs": len(paragraphs), "headings": headings}
     else:
-        ids, _ = tokenizer.encode_flat([standard_text(text)], bos=True, split_special=False)
+        ids = standard_ids(text, tokenizer)
         row_length = seq_length
         counts = {}
 

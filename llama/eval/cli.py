@@ -11,6 +11,8 @@ def _model_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="a converted checkpoint folder, or any checkpoint `convert` reads")
     parser.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint folder's tokenizer.model)")
+    parser.add_argument("--model-config", help="for weights that carry none (a bare MindFormers .ckpt): a name in "
+                                               "configs/model, our YAML, HF config.json or a MindFormers YAML")
     parser.add_argument("--dtype", choices=DTYPES,
                         help="weight dtype (default: the checkpoint's); bf16 computes in float32 on CPU")
 
@@ -20,7 +22,7 @@ def _ppl(args) -> dict:
 
     return evaluate_perplexity(args.checkpoint, args.data, args.convention, batch_size=args.batch_size,
                                window=args.window, rolling_window=args.rolling_window, lm_eval=not args.no_lm_eval,
-                               tokenizer=args.tokenizer, dtype=args.dtype)
+                               tokenizer=args.tokenizer, dtype=args.dtype, model_config=args.model_config)
 
 
 def _squad(args) -> dict:
@@ -28,7 +30,8 @@ def _squad(args) -> dict:
 
     return evaluate_squad(args.checkpoint, args.data, args.output, questions=args.questions,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
-                          worst=args.worst, tokenizer=args.tokenizer, dtype=args.dtype, overwrite=args.overwrite)
+                          worst=args.worst, tokenizer=args.tokenizer, dtype=args.dtype,
+                          model_config=args.model_config, overwrite=args.overwrite)
 
 
 def _predict(args) -> dict:
@@ -38,7 +41,7 @@ def _predict(args) -> dict:
     result = predict(args.checkpoint, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                      ignore_eos=args.ignore_eos, tokenizer=args.tokenizer, dtype=args.dtype,
-                     output=args.output, overwrite=args.overwrite)
+                     model_config=args.model_config, output=args.output, overwrite=args.overwrite)
     if args.output is not None:  # the file has them; keep stdout to the summary
         del result["completions"]
     elif not args.json:  # readable text, one completion per `completion_N` line
@@ -82,18 +85,20 @@ def register(subparsers) -> None:
     squad.add_argument("--worst", type=int, default=10, help="rows in worst_answers.md")
     squad.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
-    predict = add_command(subparsers, "predict", _predict,
-                          help="complete a batch of prompts (the seed's run_llama2_predict.sh)")
-    _model_arguments(predict)
-    source = predict.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    source.add_argument("--prompts-file", help="one prompt per line, or .jsonl with a \"prompt\" field")
-    predict.add_argument("--output", help="write the completions here as JSON lines instead of to stdout")
-    predict.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    predict.add_argument("--max-new-tokens", type=int, default=64)
-    predict.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    predict.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    predict.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    predict.add_argument("--seed", type=int, default=0)
-    predict.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (left-padded)")
-    predict.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    # `generate` (the model stage's name) and `predict` (the seed's run_llama2_predict.sh) are one command.
+    for name in ("predict", "generate"):
+        predict = add_command(subparsers, name, _predict,
+                              help="complete a batch of prompts with the KV cache (the seed's run_llama2_predict.sh)")
+        _model_arguments(predict)
+        source = predict.add_mutually_exclusive_group(required=True)
+        source.add_argument("--prompt", action="append", help="a prompt (repeatable; \"\" starts from BOS alone)")
+        source.add_argument("--prompts-file", help="one prompt per line, or .jsonl with a \"prompt\" field")
+        predict.add_argument("--output", help="write the completions here as JSON lines instead of to stdout")
+        predict.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+        predict.add_argument("--max-new-tokens", type=int, default=64)
+        predict.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+        predict.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+        predict.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+        predict.add_argument("--seed", type=int, default=0)
+        predict.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (left-padded)")
+        predict.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")

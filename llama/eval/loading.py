@@ -8,11 +8,16 @@ from pathlib import Path
 from llama.errors import PipelineError
 
 
-def load_model(checkpoint: str | os.PathLike, dtype: str | None = None):
-    """(model in inference mode, ModelConfig) from any checkpoint `llama.checkpoint` reads, checksums first."""
-    from llama.checkpoint import load_checkpoint
+def load_model(checkpoint: str | os.PathLike, dtype: str | None = None, model_config: str | None = None):
+    """(model in inference mode, ModelConfig) from any checkpoint `llama.checkpoint` reads, checksums first.
 
-    model, config = load_checkpoint(checkpoint, dtype=dtype)
+    `model_config` (a name in configs/model or a config file) is for weights that carry none, e.g. a bare
+    MindFormers .ckpt.
+    """
+    from llama.checkpoint import load_checkpoint
+    from llama.config import ModelConfig
+
+    model, config = load_checkpoint(checkpoint, ModelConfig.load(model_config) if model_config else None, dtype)
     model.set_train(False)
     return model, config
 

@@ -27,7 +27,8 @@ from typing import Iterator
 import numpy as np
 
 from llama.data.records import read_columns, verify
-from llama.data.wiki import standard_text, wikitext_detokenize
+from llama.data.wiki import standard_ids, wikitext_detokenize
+from llama.fileio import read_text
 from llama.errors import PipelineError
 from llama.eval.loading import load_model, load_tokenizer
 from llama.progress import Progress
@@ -188,6 +189,7 @@ def evaluate_perplexity(checkpoint: str | os.PathLike, data: str | os.PathLike, 
                         batch_size: int = MINDFORMERS_EVAL_BATCH, window: int | None = None,
                         rolling_window: int | None = None, lm_eval: bool = True,
                         tokenizer: str | os.PathLike | None = None, dtype: str | None = None,
+                        model_config: str | None = None,
                         tokens_per_forward: int = TOKENS_PER_FORWARD, show_progress: bool = True) -> dict:
     """Perplexity of a checkpoint under `convention` (see the module docstring); returns a flat result dict.
 
@@ -211,7 +213,7 @@ def evaluate_perplexity(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     elif convention == "mindformers":
         raise PipelineError(f"the mindformers convention reads a records folder from `preprocess wiki --mode "
                             f"mindformers`; {data} is a file")
-    model, config = load_model(checkpoint, dtype)
+    model, config = load_model(checkpoint, dtype, model_config)
     result = {"convention": convention, "checkpoint": str(checkpoint), "data": str(data)}
 
     def run(label: str, rows_total: int, length: int, compute):
@@ -231,11 +233,10 @@ def evaluate_perplexity(checkpoint: str | os.PathLike, data: str | os.PathLike, 
             result.update(run(convention, len(rows), length, lambda fn, p: standard_perplexity(fn, rows, p)))
         return result
 
-    text = _read_text(data)
+    text = read_text(data, "data")
     tok = load_tokenizer(checkpoint, tokenizer)
     window = window or config.max_position_embeddings
-    # The same text and encoding as `preprocess wiki --mode standard`.
-    ids, _ = tok.encode_flat([standard_text(text)], bos=True, split_special=False)
+    ids = standard_ids(text, tok)  # as `preprocess wiki --mode standard`
     windows = standard_windows(ids, window)
     result.update(run(f"ctx{window}", len(windows), window - 1, lambda fn, p: standard_perplexity(fn, windows, p)))
     if lm_eval:
@@ -252,13 +253,3 @@ def _check_context(length: int, max_positions: int, what: str) -> None:
         raise PipelineError(f"{what}: {length} tokens per row exceed the model's context of {max_positions}")
     if length < 1:
         raise PipelineError(f"{what}: rows must hold at least 2 tokens")
-
-
-def _read_text(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise PipelineError(f"{path} is not UTF-8 text (byte {err.start})") from None
-    if not text.strip():
-        raise PipelineError(f"{path} is empty")
-    return text

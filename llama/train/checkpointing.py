@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from llama.errors import PipelineError
-from llama.fileio import atomic_dir, read_json, sha256_file, write_json_atomic
+from llama.fileio import atomic_dir, file_entry, read_json, verify_files, write_json_atomic
 
 FORMAT = "llama2-pipeline train checkpoint 1"
 WEIGHTS, OPTIMIZER, STATE, MANIFEST = "weights.ckpt", "optimizer.ckpt", "state.json", "manifest.json"
@@ -48,8 +48,7 @@ def save(run_dir: str | os.PathLike, rank: int, step: int, weights: list, optimi
         write_json_atomic(tmp / STATE, {"format": FORMAT, **state})
         write_json_atomic(tmp / MANIFEST, {
             "format": FORMAT,
-            "files": {name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-                      for name in (WEIGHTS, OPTIMIZER, STATE)}})
+            "files": {name: file_entry(tmp / name) for name in (WEIGHTS, OPTIMIZER, STATE)}})
     for old in list_steps(run_dir, rank)[:-keep_last]:
         shutil.rmtree(step_dir(run_dir, rank, old), ignore_errors=True)
     return final
@@ -69,10 +68,7 @@ def verify(folder: str | os.PathLike) -> dict:
     manifest = read_json(folder / MANIFEST, "checkpoint manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PipelineError(f"{folder / MANIFEST} is not a training checkpoint manifest")
-    for name, info in manifest["files"].items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != info["size"] or sha256_file(path) != info["sha256"]:
-            raise PipelineError(f"{path} is missing or does not match its manifest (damaged checkpoint)")
+    verify_files(folder, manifest["files"], MANIFEST)
     return read_json(folder / STATE, "checkpoint state")
 
 

@@ -255,7 +255,6 @@ def build_network(config: TrainConfig) -> Network:
 def run_worker(config: TrainConfig, output_dir: str | os.PathLike, resume: bool = False,
                on_step: StepCallback | None = None, start_step: int | None = None) -> dict:
     """Train in this process: alone, or as rank k of an msrun job (then `start_step` comes from the launcher)."""
-    import mindspore as ms
     from llama.train.dropout import set_dropout_key, step_key
     from llama.train.step import Stepper
 
