@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test test-fast bench clean
 
+# Prefect's state (its SQLite database, cached task results) stays in this checkout unless you point
+# PREFECT_HOME or PREFECT_API_URL elsewhere; `prefect server start` with the same PREFECT_HOME shows the runs.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
