@@ -58,6 +58,7 @@ class Update(nn.Cell):
         self.max_grad_norm = max_grad_norm
         self.world_size = world_size
         self.all_reduce = ops.AllReduce() if world_size > 1 else None
+        self.fused_adamw = ops.AdamWeightDecay()
 
     def construct(self, grads, lr, divisor):
         """`divisor` = loss scale x micro-batches; returns (global grad norm, finite)."""
@@ -79,6 +80,9 @@ class Update(nn.Cell):
         return norm, finite
 
     def _adamw(self, param, m, v, grad, lr, decay):
+        if param.dtype == ms.float32:  # the same update as below, in one fused multi-threaded kernel
+            self.fused_adamw(param, m, v, lr, self.beta1, self.beta2, self.eps, decay, grad)
+            return
         new_m = self.beta1 * m + (1.0 - self.beta1) * grad
         new_v = self.beta2 * v + (1.0 - self.beta2) * grad * grad
         value = param.astype(ms.float32)
@@ -152,6 +156,7 @@ class _LossMean(nn.Cell):
         super().__init__()
         self.world_size = world_size
         self.all_reduce = ops.AllReduce() if world_size > 1 else None
+        self.fused_adamw = ops.AdamWeightDecay()
 
     def construct(self, loss):
         if self.all_reduce is None:
