@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -289,7 +290,13 @@ def read_torch_index(path: Path) -> dict[str, Entry]:
     except ImportError:
         raise PipelineError(f"reading {path.name} needs torch, which is not installed; "
                             f"convert it to safetensors first or install torch") from None
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise PipelineError(f"{path}: refused: it holds more than tensors, and an untrusted pickle is never run "
+                            "(torch.load with weights_only)") from None
+    except RuntimeError as err:
+        raise PipelineError(f"{path} is not a readable torch checkpoint ({str(err).splitlines()[0][:120]})") from None
 
     def entry(tensor) -> Entry:
         dtype = NP_DTYPES.get(str(tensor.dtype).removeprefix("torch."))

@@ -1,6 +1,5 @@
 """Conversion in every direction, checked bit for bit, with MindSpore's and safetensors' own readers."""
 
-import importlib.util
 import json
 import shutil
 
@@ -156,10 +155,66 @@ def test_llama2c_weights_are_permuted_to_the_rotate_half_layout(fixtures):
     np.testing.assert_array_equal(ours[head // 2:head], wq0[1:head:2])
 
 
-def test_torch_formats_need_torch(tmp_path, capsys):
-    if importlib.util.find_spec("torch"):
-        pytest.skip("torch is installed here")
-    (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04" + b"\0" * 100)
-    err = _error_of(capsys, ["convert", "--input", str(tmp_path / "pytorch_model.bin"), "--output",
-                             str(tmp_path / "out")])
-    assert "needs torch" in err
+class _NotATensor:
+    """Anything but tensors in a checkpoint pickle must be refused, never run."""
+
+
+def test_pytorch_bin_converts_and_foreign_pickles_are_refused(hf_dir, tmp_path, capsys):
+    import torch
+
+    hf = load_file(hf_dir / "model.safetensors")
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    shutil.copy(hf_dir / "config.json", folder)
+    torch.save({name: torch.from_numpy(array) for name, array in hf.items()}, folder / "pytorch_model.bin")
+    assert run(["convert", "--input", str(folder), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 0
+    back = load_file(tmp_path / "hf" / "model.safetensors")
+    assert all(np.array_equal(back[name], array) for name, array in hf.items()) and set(back) == set(hf)
+    capsys.readouterr()
+
+    torch.save({"model.embed_tokens.weight": _NotATensor()}, folder / "pytorch_model.bin")
+    err = _error_of(capsys, ["convert", "--input", str(folder), "--output", str(tmp_path / "bad"), "--to", "hf"])
+    assert "refused" in err and "weights_only" in err and not (tmp_path / "bad").exists()
+
+
+def test_meta_consolidated_shards_convert_to_the_hf_weights(hf_dir, tmp_path):
+    """Meta's layout (interleaved rotary q/k, split over two model-parallel shards) converts back to HF's."""
+    import torch
+
+    hf = load_file(hf_dir / "model.safetensors")
+    heads, kv_heads, dim = 8, 4, 64
+
+    def interleave(w, n):  # the inverse of HF's convert_llama_weights_to_hf permute
+        return w.reshape(n, 2, w.shape[0] // n // 2, dim).transpose(0, 2, 1, 3).reshape(w.shape)
+
+    meta = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
+            "output.weight": hf["lm_head.weight"]}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        meta.update({
+            f"layers.{i}.attention.wq.weight": interleave(hf[p + "self_attn.q_proj.weight"], heads),
+            f"layers.{i}.attention.wk.weight": interleave(hf[p + "self_attn.k_proj.weight"], kv_heads),
+            f"layers.{i}.attention.wv.weight": hf[p + "self_attn.v_proj.weight"],
+            f"layers.{i}.attention.wo.weight": hf[p + "self_attn.o_proj.weight"],
+            f"layers.{i}.feed_forward.w1.weight": hf[p + "mlp.gate_proj.weight"],
+            f"layers.{i}.feed_forward.w2.weight": hf[p + "mlp.down_proj.weight"],
+            f"layers.{i}.feed_forward.w3.weight": hf[p + "mlp.up_proj.weight"],
+            f"layers.{i}.attention_norm.weight": hf[p + "input_layernorm.weight"],
+            f"layers.{i}.ffn_norm.weight": hf[p + "post_attention_layernorm.weight"]})
+    split_axis = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    for shard in range(2):
+        tensors = {}
+        for name, array in meta.items():
+            axis = split_axis.get(name.split(".")[-2] if name.startswith("layers") else name.split(".")[0])
+            part = np.array_split(array, 2, axis=axis)[shard] if axis is not None else array
+            tensors[name] = torch.from_numpy(np.ascontiguousarray(part))
+        torch.save(tensors, folder / f"consolidated.{shard:02d}.pth")
+    (folder / "params.json").write_text(json.dumps({"dim": dim, "n_layers": 2, "n_heads": heads, "n_kv_heads": kv_heads,
+                                                    "vocab_size": 512, "multiple_of": 4, "norm_eps": 1e-5}))
+    assert run(["convert", "--input", str(folder), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 0
+    back = load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(back) == set(hf)
+    for name, array in hf.items():
+        np.testing.assert_array_equal(back[name], array, err_msg=name)
