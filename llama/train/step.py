@@ -36,10 +36,11 @@ class CausalLMLoss(nn.Cell):
         targets = labels[:, 1:]
         logits = self.net(tokens)
         mask = ops.logical_and(tokens != self.pad_token_id, targets != IGNORE_ID).astype(ms.float32)
-        losses = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                   ops.maximum(targets, 0).reshape(-1), reduction="none")
+        # log_softmax + gather rather than ops.cross_entropy, whose CPU backward is about twice as slow
+        log_probs = ops.log_softmax(logits.reshape(-1, logits.shape[-1]), -1)
+        picked = ops.gather_elements(log_probs, 1, ops.maximum(targets, 0).reshape(-1, 1)).reshape(-1)
         count = ops.maximum(mask.sum(), 1.0)
-        return (losses * mask.reshape(-1)).sum() / count
+        return -(picked * mask.reshape(-1)).sum() / count
 
 
 class Update(nn.Cell):
