@@ -83,7 +83,6 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     for row, ids in enumerate(prompt_ids):
         tokens[row, pads[row]:] = ids
     slots = np.arange(length)
-    compute = model.compute_dtype
     step = _compiled_decode(model)
     model.set_train(False)
 
@@ -94,12 +93,12 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
         positions = np.maximum(query_slots[None, :] - pads[:, None], 0).astype(np.int32)
         allowed = (slots[None, None, :] <= query_slots[None, :, None]) & (slots[None, None, :] >= pads[:, None, None])
         mask = np.where(allowed, 0.0, NEG_INF).astype(np.float32)[:, None]
-        write = (slots[:, None] == query_slots[None, :]).astype(np.float32)
-        keep = 1.0 - write.sum(1, keepdims=True)
-        # mutable: tensors inside tuples are graph inputs, not constants that force a recompile per step
-        cache_write = ms.mutable((ms.Tensor(keep).astype(compute), ms.Tensor(write).astype(compute)))
+        rows, heads, new_slots = np.meshgrid(np.arange(batch), np.arange(config.num_kv_heads), query_slots,
+                                             indexing="ij")
+        cache_index = np.stack([rows, heads, new_slots], -1).astype(np.int32)
         nonlocal caches
-        logits, caches = step(ms.Tensor(input_ids), ms.Tensor(positions), ms.Tensor(mask), cache_write,
+        # mutable: the caches are graph inputs, not constants that would force a recompile per step
+        logits, caches = step(ms.Tensor(input_ids), ms.Tensor(positions), ms.Tensor(mask), ms.Tensor(cache_index),
                               ms.mutable(caches))
         return logits.asnumpy()
 

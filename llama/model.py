@@ -109,6 +109,7 @@ class Attention(nn.Cell):
         self.wv = Linear(hidden, kv_width, param_dtype, compute_dtype)
         self.wo = Linear(hidden, hidden, param_dtype, compute_dtype)
         self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.scores_matmul = ops.BatchMatMul(transpose_b=True)   # q @ k.T without materialising k.T
 
     def _heads(self, x, heads):
         batch, seq, _ = x.shape
@@ -123,9 +124,9 @@ class Attention(nn.Cell):
         x = ops.broadcast_to(x.reshape(batch, kv_heads, 1, length, dim), (batch, kv_heads, groups, length, dim))
         return x.reshape(batch, kv_heads * groups, length, dim)
 
-    def construct(self, x, cos, sin, mask, kv_cache=None, cache_write=None, prefix_kv=None):
+    def construct(self, x, cos, sin, mask, kv_cache=None, cache_index=None, prefix_kv=None):
         """x [B, S, E]; mask additive float32 [B or 1, 1, S, L]; kv_cache (k, v) [B, K, cache_len, D] with
-        cache_write (keep [cache_len, 1], write [cache_len, S]) placing the S new keys into the cache.
+        cache_index int32 [B, K, S, 3], the (batch, kv head, slot) where each of the S new keys goes.
         Returns the output [B, S, E] and the updated cache (or None)."""
         batch, seq, _ = x.shape
         q = apply_rotary(self._heads(self.wq(x), self.num_heads), cos, sin)
@@ -133,15 +134,15 @@ class Attention(nn.Cell):
         v = self._heads(self.wv(x), self.num_kv_heads)
         new_cache = None
         if kv_cache is not None:
-            keep, write = cache_write
-            k = kv_cache[0] * keep + ops.matmul(write, k)
-            v = kv_cache[1] * keep + ops.matmul(write, v)
+            # a scatter touches only the new slots (a masked blend would rewrite the whole cache every step)
+            k = ops.tensor_scatter_update(kv_cache[0], cache_index, k)
+            v = ops.tensor_scatter_update(kv_cache[1], cache_index, v)
             new_cache = (k, v)
         if prefix_kv is not None:
             k = ops.concat([prefix_kv[0].astype(self.compute_dtype), k], 2)
             v = ops.concat([prefix_kv[1].astype(self.compute_dtype), v], 2)
         k, v = self._repeat_kv(k), self._repeat_kv(v)
-        scores = ops.matmul(q, k.swapaxes(-1, -2)) * self.scale          # [B, H, S, L]
+        scores = self.scores_matmul(q, k) * self.scale                   # [B, H, S, L]
         probs = ops.softmax(scores.astype(ms.float32) + mask, -1).astype(self.compute_dtype)
         out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(batch, seq, -1)
         return self.wo(out), new_cache
@@ -168,8 +169,8 @@ class DecoderLayer(nn.Cell):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype, compute_dtype)
         self.feed_forward = FeedForward(config, param_dtype, compute_dtype)
 
-    def construct(self, x, cos, sin, mask, kv_cache=None, cache_write=None, prefix_kv=None):
-        attended, new_cache = self.attention(self.attention_norm(x), cos, sin, mask, kv_cache, cache_write, prefix_kv)
+    def construct(self, x, cos, sin, mask, kv_cache=None, cache_index=None, prefix_kv=None):
+        attended, new_cache = self.attention(self.attention_norm(x), cos, sin, mask, kv_cache, cache_index, prefix_kv)
         h = x + attended
         return h + self.feed_forward(self.ffn_norm(h)), new_cache
 
@@ -187,7 +188,7 @@ class LlamaModel(nn.Cell):
         cos, sin = rotary_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.cos, self.sin = Tensor(cos), Tensor(sin)
 
-    def construct(self, input_ids, positions, mask, kv_caches=None, cache_write=None, prefix_key_values=None):
+    def construct(self, input_ids, positions, mask, kv_caches=None, cache_index=None, prefix_key_values=None):
         """positions int32 [B or 1, S] index the rotary tables; returns hidden [B, S, E] and new caches."""
         h = self.tok_embeddings(input_ids)
         cos = ops.gather(self.cos, positions, 0).astype(self.compute_dtype).expand_dims(1)   # [B, 1, S, D]
@@ -196,7 +197,7 @@ class LlamaModel(nn.Cell):
         for i, layer in enumerate(self.layers):
             kv_cache = None if kv_caches is None else kv_caches[i]
             prefix_kv = None if prefix_key_values is None else prefix_key_values[i]
-            h, cache = layer(h, cos, sin, mask, kv_cache, cache_write, prefix_kv)
+            h, cache = layer(h, cos, sin, mask, kv_cache, cache_index, prefix_kv)
             new_caches += (cache,)
         return self.norm_out(h), new_caches
 
@@ -239,9 +240,9 @@ class LlamaForCausalLM(nn.Cell):
         return tuple((ops.zeros(shape, self.compute_dtype), ops.zeros(shape, self.compute_dtype))
                      for _ in range(self.config.num_layers))
 
-    def decode(self, input_ids, positions, mask, cache_write, kv_caches, prefix_key_values=None):
+    def decode(self, input_ids, positions, mask, cache_index, kv_caches, prefix_key_values=None):
         """One prefill or decode step against the KV cache: input_ids [B, S], positions [B, S],
-        mask [B, 1, S, L] additive float32, cache_write (keep [L, 1], write [L, S]) in the compute dtype.
+        mask [B, 1, S, L] additive float32, cache_index int32 [B, K, S, 3] (see Attention).
         Returns float32 logits of the last position [B, V] and the updated caches."""
-        hidden, new_caches = self.model(input_ids, positions, mask, kv_caches, cache_write, prefix_key_values)
+        hidden, new_caches = self.model(input_ids, positions, mask, kv_caches, cache_index, prefix_key_values)
         return self.logits(hidden[:, -1]), new_caches
