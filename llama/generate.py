@@ -5,24 +5,27 @@
              seed=0, eos_id=2, pad_id=0) -> list[list[int]]   # the new ids of each prompt (EOS included)
 
 Prompts are left-padded into one batch. One prefill step writes every prompt position into a KV cache of
-fixed length (longest prompt + max_new_tokens, rounded up to a bucket), then one decode step per new token
-writes one slot. Both steps have static shapes, so each is compiled once by `mindspore.jit` and reused for
-every token and for later calls of similar lengths (on this CPU a compiled step is about 100x faster than
-PyNative). Padding slots are masked out of attention and
-rotary positions count from each prompt's first real token, so a padded prompt decodes exactly as it does
-alone. Sampling (temperature, top-k, top-p, seeded) runs in numpy on the last position's logits;
-temperature 0 is greedy.
+fixed length (longest prompt + max_new_tokens, rounded up to a bucket); then each decode step writes one slot.
+Steps have static shapes, so each graph is compiled once by `mindspore.jit` and reused for every token and for
+later calls of similar lengths (on this CPU a compiled step is about 100x faster than PyNative). A step takes
+only the tokens, the first cache slot they fill and each row's padding; positions, the attention mask and
+the cache slots are computed in the graph. Padding slots are masked out of attention and rotary positions
+count from each prompt's first real token, so a padded prompt decodes exactly as it does alone.
+
+Greedy decoding (temperature 0) runs several steps per graph call (`GreedyChunk`), feeding each argmax back
+inside the graph: for a small model the host round trip of every call costs as much as the step itself.
+Sampling (temperature, top-k, top-p, seeded) runs in numpy on the last position's logits, one step per call.
 """
 
 from __future__ import annotations
 
-import weakref
-
+import mindspore as ms
 import numpy as np
+from mindspore import nn, ops
 
 from llama.errors import PipelineError
+from llama.model import NEG_INF
 
-NEG_INF = -1e9
 PROMPT_BUCKET = 16
 CACHE_BUCKET = 64
 
@@ -49,23 +52,70 @@ def _sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rn
     return np.array([rng.choice(len(row), p=row) for row in probs])
 
 
-_COMPILED = weakref.WeakKeyDictionary()
+class DecodeStep(nn.Cell):
+    """S new tokens per row, written to cache slots first_slot.. ; returns the last position's logits."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+        self.last_position = model.config.max_position_embeddings - 1
+
+    def construct(self, input_ids, first_slot, pads, kv_caches):
+        """input_ids int32 [B, S]; first_slot int32 scalar; pads int32 [B], each row's left padding;
+        kv_caches as `init_kv_cache` makes them. Returns float32 logits [B, V] and the updated caches."""
+        batch, seq = input_ids.shape
+        kv_heads, length = kv_caches[0][0].shape[1], kv_caches[0][0].shape[2]
+        query_slots = first_slot + ops.arange(seq, dtype=ms.int32)                        # [S]
+        # positions count from each row's first real token; clamped so that a greedy chunk's steps past
+        # max_new_tokens (computed, then discarded) still index the rotary tables
+        positions = ops.clamp(query_slots.reshape(1, seq) - pads.reshape(batch, 1), 0, self.last_position)
+        key_slots = ops.arange(length, dtype=ms.int32).reshape(1, 1, length)
+        allowed = ops.logical_and(key_slots <= query_slots.reshape(1, seq, 1), key_slots >= pads.reshape(batch, 1, 1))
+        mask = ((1.0 - allowed.astype(ms.float32)) * NEG_INF).reshape(batch, 1, seq, length)
+        shape = (batch, kv_heads, seq, 1)
+        cache_index = ops.concat([
+            ops.broadcast_to(ops.arange(batch, dtype=ms.int32).reshape(batch, 1, 1, 1), shape),
+            ops.broadcast_to(ops.arange(kv_heads, dtype=ms.int32).reshape(1, kv_heads, 1, 1), shape),
+            ops.broadcast_to(query_slots.reshape(1, 1, seq, 1), shape)], -1)              # [B, K, S, 3]
+        return self.model.decode(input_ids, positions, mask, cache_index, kv_caches)
 
 
-def _compiled_decode(model):
-    """One `jit` wrapper per model, so its compiled prefill/decode graphs are reused across calls."""
-    import mindspore as ms
+class GreedyChunk(nn.Cell):
+    """`steps` greedy decode steps in one graph, each feeding its argmax to the next."""
 
-    if model not in _COMPILED:
-        _COMPILED[model] = ms.jit(model.decode)
-    return _COMPILED[model]
+    def __init__(self, step: DecodeStep, steps: int):
+        super().__init__(auto_prefix=False)
+        self.step, self.steps = step, steps
+
+    def construct(self, input_ids, first_slot, pads, kv_caches):
+        """input_ids int32 [B, 1], the last chosen tokens, go to slot first_slot; returns the next `steps`
+        tokens int32 [B, steps] and the updated caches."""
+        chosen = ()
+        for offset in range(self.steps):
+            logits, kv_caches = self.step(input_ids, first_slot + offset, pads, kv_caches)
+            input_ids = logits.argmax(-1).astype(ms.int32).reshape(-1, 1)
+            chosen += (input_ids,)
+        return ops.concat(chosen, 1), kv_caches
+
+
+def greedy_chunk_steps(config) -> int:
+    """Steps per greedy graph: enough to amortise the per-call cost for small models, while a graph holds at
+    most about 16 decoder layers so that compiling stays quick (a 32-layer model decodes one step per call)."""
+    return max(1, min(8, 16 // config.num_layers))
+
+
+def _compiled(model, kind: str, make):
+    """A jit-compiled generation cell, kept on the model so its graphs are reused across calls (and freed
+    with the model)."""
+    cache = vars(model).setdefault("_generation_graphs", {})
+    if kind not in cache:
+        cache[kind] = ms.jit(make().construct)
+    return cache[kind]
 
 
 def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, eos_id: int | None = 2, pad_id: int = 0) -> list[list[int]]:
     """New token ids for each prompt; a row stops after `eos_id` (kept) or `max_new_tokens` (None: no EOS)."""
-    import mindspore as ms
-
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise PipelineError("every prompt needs at least one token (e.g. BOS)")
     if max_new_tokens < 1:
@@ -75,45 +125,52 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     if longest + max_new_tokens > config.max_position_embeddings:
         raise PipelineError(f"prompt ({longest}) + max new tokens ({max_new_tokens}) exceeds the model's "
                             f"{config.max_position_embeddings} positions")
+    greedy = temperature <= 0
+    chunk = greedy_chunk_steps(config) if greedy else 1
     # Round the padded prompt and the cache up to buckets, so calls with similar lengths share compiled graphs.
+    # After the prefill's token, decode steps come in whole chunks: the cache holds every slot they write.
     prompt_len = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
-    length = -(-(prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-    pads = np.array([prompt_len - len(p) for p in prompt_ids])
+    decode_slots = -(-(max_new_tokens - 1) // chunk) * chunk
+    length = -(-(prompt_len + decode_slots) // CACHE_BUCKET) * CACHE_BUCKET
+    pads = np.array([prompt_len - len(p) for p in prompt_ids], dtype=np.int32)
     tokens = np.full((batch, prompt_len), pad_id, dtype=np.int32)
     for row, ids in enumerate(prompt_ids):
         tokens[row, pads[row]:] = ids
-    slots = np.arange(length)
-    step = _compiled_decode(model)
     model.set_train(False)
+    step = _compiled(model, "step", lambda: DecodeStep(model))
+    pads = ms.Tensor(pads)
+    # mutable: the caches are graph inputs, not constants that would force a recompile per step
+    logits, caches = step(ms.Tensor(tokens), ms.Tensor(0, ms.int32), pads,
+                          ms.mutable(model.init_kv_cache(batch, length)))
 
-    def run(input_ids, first_slot):
-        """Feed tokens at slots first_slot.. (positions relative to each prompt's start) and get logits."""
-        width = input_ids.shape[1]
-        query_slots = first_slot + np.arange(width)
-        positions = np.maximum(query_slots[None, :] - pads[:, None], 0).astype(np.int32)
-        allowed = (slots[None, None, :] <= query_slots[None, :, None]) & (slots[None, None, :] >= pads[:, None, None])
-        mask = np.where(allowed, 0.0, NEG_INF).astype(np.float32)[:, None]
-        rows, heads, new_slots = np.meshgrid(np.arange(batch), np.arange(config.num_kv_heads), query_slots,
-                                             indexing="ij")
-        cache_index = np.stack([rows, heads, new_slots], -1).astype(np.int32)
-        nonlocal caches
-        # mutable: the caches are graph inputs, not constants that would force a recompile per step
-        logits, caches = step(ms.Tensor(input_ids), ms.Tensor(positions), ms.Tensor(mask), ms.Tensor(cache_index),
-                              ms.mutable(caches))
-        return logits.asnumpy()
-
-    caches = model.init_kv_cache(batch, length)
-    rng = np.random.default_rng(seed)
-    logits = run(tokens, 0)
     out = [[] for _ in prompt_ids]
     done = np.zeros(batch, dtype=bool)
-    for i in range(max_new_tokens):
-        next_ids = _sample(logits, temperature, top_k, top_p, rng)
+    emitted = 0
+
+    def emit(ids: np.ndarray) -> bool:
+        """Append one token to every unfinished row; True once all rows are finished or long enough."""
+        nonlocal emitted
+        emitted += 1
         for row in np.flatnonzero(~done):
-            out[row].append(int(next_ids[row]))
+            out[row].append(int(ids[row]))
         if eos_id is not None:
-            done |= next_ids == eos_id
-        if done.all() or i == max_new_tokens - 1:
-            break
-        logits = run(next_ids.astype(np.int32)[:, None], prompt_len + i)
+            done[ids == eos_id] = True
+        return done.all() or emitted == max_new_tokens
+
+    rng = np.random.default_rng(seed)
+    next_ids = _sample(logits.asnumpy(), temperature, top_k, top_p, rng)
+    slot, finished = prompt_len, emit(next_ids)
+    while not finished:
+        inputs = (ms.Tensor(next_ids.astype(np.int32)[:, None]), ms.Tensor(slot, ms.int32), pads, ms.mutable(caches))
+        if greedy:
+            chosen, caches = _compiled(model, f"greedy{chunk}", lambda: GreedyChunk(DecodeStep(model), chunk))(*inputs)
+            columns = chosen.asnumpy().T
+        else:
+            logits, caches = step(*inputs)
+            columns = [_sample(logits.asnumpy(), temperature, top_k, top_p, rng)]
+        for next_ids in columns:
+            finished = emit(next_ids)
+            if finished:
+                break
+        slot += len(columns)
     return out

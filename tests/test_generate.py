@@ -9,7 +9,7 @@ import pytest
 from llama.checkpoint import load_checkpoint
 from llama.cli import run
 from llama.data.tokenizer import Tokenizer
-from llama.generate import generate
+from llama.generate import generate, greedy_chunk_steps
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,23 @@ def test_stops_at_eos(model, prompts):
     greedy = generate(model, [prompts[0]], max_new_tokens=16, eos_id=None)[0]
     eos = greedy[3]
     assert generate(model, [prompts[0]], max_new_tokens=16, eos_id=eos)[0] == greedy[:greedy.index(eos) + 1]
+
+
+def test_greedy_chunks_equal_one_step_per_call(model, prompts):
+    """Greedy decodes several steps per graph call; sampling with top_k=1 (one step per call, argmax in
+    numpy) must give the same ids at every length around the chunk size, up to the last position."""
+    chunk = greedy_chunk_steps(model.config)
+    assert chunk > 1
+    for new_tokens in (1, 2, chunk, chunk + 1, 2 * chunk + 3):
+        assert generate(model, prompts, new_tokens, eos_id=None) == \
+            generate(model, prompts, new_tokens, temperature=1.0, top_k=1, eos_id=None)
+    # the last chunk runs past max_position_embeddings; its extra steps are discarded
+    longest = max(map(len, prompts))
+    new_tokens = model.config.max_position_embeddings - longest
+    assert (new_tokens - 1) % chunk
+    greedy = generate(model, prompts, new_tokens, eos_id=None)
+    assert list(map(len, greedy)) == [new_tokens] * len(prompts)
+    assert greedy == generate(model, prompts, new_tokens, temperature=1.0, top_k=1, eos_id=None)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(model, prompts):
