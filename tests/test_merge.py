@@ -96,3 +96,46 @@ def test_prefix_adapters_are_not_merged(alpaca_records, base_checkpoint, tmp_pat
     assert saved and all(name.startswith("prefix_layers.") for name in saved)
     with pytest.raises(PipelineError, match="prefix-tuning adapter"):
         merge(tmp_path / "run", tmp_path / "merged")
+
+
+# MindFormers' model-parallel layout for 2 devices: column-parallel projections and the vocabulary are split
+# along their output rows, row-parallel ones (wo, w2) along their input columns, norms are replicated.
+ROWS, COLUMNS = r"(.*\.)?(wq|wk|wv|w1|w3|lm_head)\.weight|.*\.embedding_weight", r".*\.(wo|w2)\.weight"
+
+
+def test_sliced_checkpoints_merge_through_transform_checkpoints(base_checkpoint, tmp_path, capsys):
+    """Two model-parallel slices per tensor, described by a strategy file in MindSpore's own JSON layout
+    format (CPU cannot train model-parallel to write one), merge back to the original weights bit for bit."""
+    import re
+
+    import mindspore as ms
+
+    from llama.checkpoint import open_checkpoint
+    from llama.cli import run as cli
+
+    original = {name: entry.read() for name, entry in open_checkpoint(base_checkpoint).entries.items()}
+    layouts, slices = {}, {0: [], 1: []}
+    for name, value in original.items():
+        axis = 0 if re.fullmatch(ROWS, name) else 1 if re.fullmatch(COLUMNS, name) else None
+        tensor_map = [-1] * value.ndim
+        if axis is not None:
+            tensor_map[axis] = 0  # split by the (only) device-matrix dimension
+        layouts[name] = {"dev_matrix": [2], "tensor_map": tensor_map, "field": 0,
+                         "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}
+        for rank in (0, 1):
+            part = value if axis is None else np.split(value, 2, axis=axis)[rank]
+            slices[rank].append({"name": name, "data": ms.Tensor(np.ascontiguousarray(part))})
+    assert sum(layout["tensor_map"] != [-1] * len(layout["tensor_map"]) for layout in layouts.values()) >= 8
+    strategy = tmp_path / "strategy.json"
+    strategy.write_text(json.dumps({"parallel_layout_item": layouts}))
+    for rank, tensors in slices.items():
+        (tmp_path / "sliced" / f"rank_{rank}").mkdir(parents=True)
+        ms.save_checkpoint(tensors, str(tmp_path / "sliced" / f"rank_{rank}" / "llama2_rank.ckpt"))
+
+    assert cli(["merge", str(tmp_path / "sliced"), "--strategy", str(strategy), "--model-config", "tiny",
+                "--output", str(tmp_path / "merged"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kind"] == "sliced"
+    merged = {name: entry.read() for name, entry in open_checkpoint(tmp_path / "merged").entries.items()}
+    assert merged.keys() == original.keys()
+    for name, value in original.items():
+        np.testing.assert_array_equal(merged[name], value, err_msg=name)
