@@ -14,7 +14,7 @@ from prefect import flow
 
 from flows.common import Inputs, load_flow_config, outcome
 from llama.errors import PipelineError
-from llama.fileio import sha256_file
+from llama.fileio import MANIFEST, sha256_file
 from tasks.data import preprocess
 from tasks.tracking import Run
 
@@ -55,7 +55,7 @@ def _track(settings: dict, results: dict, parent_run_id: str | None) -> str:
     for name, summary in results.items():
         run.log_metrics({f"{name}.rows": summary["rows"], f"{name}.dropped": summary.get("dropped", 0),
                          f"{name}.truncated": summary.get("truncated", 0)})
-        manifest = Path(summary["output"]) / "manifest.json"
+        manifest = Path(summary["output"]) / MANIFEST
         run.log_artifact(manifest, f"manifests/{name}")
         run.log_dataset(name, digest=sha256_file(manifest), source=summary["output"], context=name,
                         profile={"rows": summary["rows"], "row_length": summary["row_length"]})

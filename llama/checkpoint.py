@@ -46,11 +46,10 @@ import numpy as np
 
 from llama.config import ModelConfig, llama_intermediate_size
 from llama.errors import PipelineError
-from llama.fileio import atomic_dir, file_entry, read_json, verify_files, write_json_atomic
+from llama.fileio import MANIFEST, atomic_dir, file_entry, read_json, verify_manifest, write_json_atomic
 from llama.progress import Progress
 
 FORMAT = "llama2-pipeline checkpoint 1"
-MANIFEST = "manifest.json"
 MODEL_CONFIG = "model_config.json"
 TOKENIZER = "tokenizer.model"
 SHARD_BYTES = 4 << 30          # weights per output file; bigger models are written as several shards
@@ -457,12 +456,7 @@ def _is_hf_safetensors(path: Path) -> bool:
 
 def verify_folder(folder: Path) -> dict:
     """Check every file in a folder's manifest (sizes first, then sha256s); return the manifest."""
-    manifest = read_json(folder / MANIFEST, "manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
-            or not isinstance(manifest.get("files"), dict):
-        raise PipelineError(f"{folder / MANIFEST} is not a checkpoint manifest of this pipeline")
-    verify_files(folder, manifest["files"], MANIFEST)
-    return manifest
+    return verify_manifest(folder, FORMAT, "checkpoint")
 
 
 def open_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = None) -> Source:

@@ -8,12 +8,13 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from llama.errors import PipelineError
 
 CHUNK = 1 << 20
+MANIFEST = "manifest.json"
 
 
 def _umask() -> int:
@@ -109,7 +110,29 @@ def file_entry(path: str | os.PathLike) -> dict:
     return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
-def verify_files(folder: str | os.PathLike, files: dict, manifest: str = "manifest.json") -> None:
+def write_manifest(folder: str | os.PathLike, fmt: str, **fields) -> dict:
+    """Write `folder/manifest.json`: `fields` and the size and sha256 of every other file in the folder and
+    its subfolders. Write it last: its presence then means the folder is complete."""
+    folder = Path(folder)
+    files = {path.relative_to(folder).as_posix(): file_entry(path)
+             for path in sorted(folder.rglob("*")) if path.is_file() and path != folder / MANIFEST}
+    manifest = {"format": fmt, **fields, "files": files}
+    write_json_atomic(folder / MANIFEST, manifest)
+    return manifest
+
+
+def verify_manifest(folder: str | os.PathLike, fmt: str, what: str) -> dict:
+    """The manifest of `folder`, after checking that it is a `what` manifest in format `fmt` and that every
+    file it lists is intact; a one-line error otherwise."""
+    folder = Path(folder)
+    manifest = read_json(folder / MANIFEST, f"{what} manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt or not isinstance(manifest.get("files"), dict):
+        raise PipelineError(f"{folder / MANIFEST} is not a {what} manifest of this pipeline")
+    verify_files(folder, manifest["files"])
+    return manifest
+
+
+def verify_files(folder: str | os.PathLike, files: dict, manifest: str = MANIFEST) -> None:
     """Check the files a manifest lists (sizes first, which is cheap, then sha256s) before anything reads them.
 
     A one-line error names the first file that is missing, of the wrong size, or changed.
@@ -117,7 +140,8 @@ def verify_files(folder: str | os.PathLike, files: dict, manifest: str = "manife
     folder = Path(folder)
     for name, info in files.items():
         path = folder / name
-        if Path(name).name != name:
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or ".." in relative.parts or "\\" in name:
             raise PipelineError(f"{folder / manifest} lists a file outside its folder: {name}")
         if not path.is_file():
             raise PipelineError(f"{path} is missing")

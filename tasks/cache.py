@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import llama
+from llama.errors import PipelineError
 from llama.fileio import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,6 +136,17 @@ def content_key(name: str, parameters: dict, file_params: Iterable[str], ignore:
     config = {k: v for k, v in parameters.items() if k not in file_params | ignore}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def verified_by(verify: Callable[[Path], Any]) -> Callable[[Path], bool]:
+    """An `outputs_valid` check made of a function that raises PipelineError for a missing or damaged folder."""
+    def intact(folder: Path) -> bool:
+        try:
+            verify(folder)
+        except PipelineError:
+            return False
+        return True
+    return intact
 
 
 class CachedStage:

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 
 from llama import download
 from llama.data import alpaca, records, squad, wiki
 from llama.errors import PipelineError
-from tasks.cache import CachedStage, content_digest, forget_cached_result
+from tasks.cache import CachedStage, content_digest, forget_cached_result, verified_by
 
 PREPROCESSORS = {
     "wiki": (wiki.preprocess_wiki, "seq_length"),
     "alpaca": (alpaca.preprocess_alpaca, "seq_length"),
     "squad": (squad.preprocess_squad, "max_length"),
 }
-
-
-def records_intact(folder: Path) -> bool:
-    try:
-        records.verify(folder)
-    except PipelineError:
-        return False
-    return True
 
 
 def _cached_download_intact(source: download.Source, cache_dir: str) -> bool:
@@ -51,7 +41,7 @@ def download_source(source: download.Source, cache_dir: str, mirror: str | None 
 
 
 PREPROCESS = CachedStage("records", code=__name__, file_params=("input", "tokenizer"), ignore=("work_dir", "name"),
-                         outputs_valid=records_intact)
+                         outputs_valid=verified_by(records.verify))
 
 
 @task(name="preprocess", cache_key_fn=PREPROCESS.cache_key_fn, persist_result=True,

@@ -9,21 +9,12 @@ from prefect import task
 
 from llama.checkpoint import open_checkpoint, verify_folder, write_checkpoint
 from llama.config import ModelConfig
-from llama.errors import PipelineError
-from tasks.cache import CachedStage
+from tasks.cache import CachedStage, verified_by
 from tasks.tracking import Run
 
 
-def checkpoint_intact(folder: Path) -> bool:
-    try:
-        verify_folder(folder)
-    except PipelineError:
-        return False
-    return True
-
-
 CONVERT = CachedStage("convert", code=__name__, file_params=("source", "tokenizer", "model_config"),
-                      outputs_valid=checkpoint_intact)
+                      outputs_valid=verified_by(verify_folder))
 
 
 @task(name="convert", cache_key_fn=CONVERT.cache_key_fn, persist_result=True, task_run_name="convert-{fmt}")

@@ -13,8 +13,7 @@ from llama.train import checkpointing
 from llama.train.config import TrainConfig
 from llama.train.merge import merge as merge_checkpoints
 from llama.train.trainer import METRICS_FILE, RESULT_FILE, train as train_model
-from tasks.cache import MINDSPORE_LOCK, CachedStage
-from tasks.model import checkpoint_intact
+from tasks.cache import MINDSPORE_LOCK, CachedStage, verified_by
 from tasks.tracking import Run
 
 STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "loss_scale")
@@ -95,7 +94,7 @@ def plot_curves(steps: list[dict], path: Path) -> Path:
 
 
 MERGE = CachedStage("merge", code=__name__, file_params=("run_dir", "base", "tokenizer"),
-                    outputs_valid=checkpoint_intact)
+                    outputs_valid=verified_by(verify_folder))
 
 
 @task(name="merge", cache_key_fn=MERGE.cache_key_fn, persist_result=True, task_run_name="merge")

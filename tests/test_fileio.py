@@ -4,7 +4,8 @@ import stat
 import pytest
 
 from llama.errors import PipelineError
-from llama.fileio import atomic_dir, atomic_path, read_json, write_json_atomic
+from llama.fileio import (MANIFEST, atomic_dir, atomic_path, read_json, verify_manifest, write_json_atomic,
+                          write_manifest)
 
 
 def test_atomic_dir_leaves_nothing_when_the_block_fails(tmp_path):
@@ -50,3 +51,24 @@ def test_read_json_errors_are_one_line(tmp_path, content, words):
     with pytest.raises(PipelineError, match=words) as err:
         read_json(path)
     assert "\n" not in str(err.value)
+
+
+def test_manifest_covers_subfolders_and_names_the_damaged_file(tmp_path):
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions" / "rows.jsonl").write_text('{"id": 1}\n')
+    (tmp_path / "result.json").write_text("{}")
+    manifest = write_manifest(tmp_path, "test format", note="x")
+    assert sorted(manifest["files"]) == ["predictions/rows.jsonl", "result.json"] and manifest["note"] == "x"
+    assert verify_manifest(tmp_path, "test format", "test") == manifest
+    with pytest.raises(PipelineError, match="not a test manifest"):
+        verify_manifest(tmp_path, "other format", "test")
+    (tmp_path / "predictions" / "rows.jsonl").write_text('{"id": 2}\n')  # same size, other bytes
+    with pytest.raises(PipelineError, match="rows.jsonl does not match the sha256"):
+        verify_manifest(tmp_path, "test format", "test")
+
+
+@pytest.mark.parametrize("name", ["../outside.txt", "/etc/passwd", "a/../../b"])
+def test_manifest_may_not_point_outside_its_folder(tmp_path, name):
+    write_json_atomic(tmp_path / MANIFEST, {"format": "f", "files": {name: {"size": 1, "sha256": "0" * 64}}})
+    with pytest.raises(PipelineError, match="outside its folder"):
+        verify_manifest(tmp_path, "f", "test")

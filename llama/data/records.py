@@ -21,11 +21,10 @@ import numpy as np
 
 from llama.data.tokenizer import Tokenizer
 from llama.errors import PipelineError
-from llama.fileio import atomic_dir, file_entry, read_json, verify_files, write_json_atomic
+from llama.fileio import MANIFEST, atomic_dir, verify_manifest, write_manifest
 from llama.progress import Progress
 
 FORMAT = "llama2-pipeline records 1"
-MANIFEST = "manifest.json"
 PARQUET = "rows.parquet"
 IGNORE_ID = -100  # label value MindFormers leaves out of the loss
 WRITE_BATCH = 1024  # rows per FileWriter call
@@ -56,20 +55,12 @@ def write_records(out_dir: str | os.PathLike, columns: dict[str, np.ndarray], *,
         _write_parquet(tmp / PARQUET, arrays)
         for name, source in extra_files.items():
             shutil.copyfile(source, tmp / name)
-        manifest = {
-            "format": FORMAT,
-            "kind": kind,
-            "rows": rows,
-            "seq_length": seq_length,
-            "columns": {name: _column_stats(values) for name, values in arrays.items()},
-            "tokenizer": {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
-                          "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
-            "sources": dict(sources),
-            "stats": {"dropped": 0, "truncated": 0, **stats},
-            "mindrecord": file_name,
-            "files": {path.name: file_entry(path) for path in sorted(tmp.iterdir())},
-        }
-        write_json_atomic(tmp / MANIFEST, manifest)
+        manifest = write_manifest(
+            tmp, FORMAT, kind=kind, rows=rows, seq_length=seq_length,
+            columns={name: _column_stats(values) for name, values in arrays.items()},
+            tokenizer={"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
+                       "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
+            sources=dict(sources), stats={"dropped": 0, "truncated": 0, **stats}, mindrecord=file_name)
     return manifest
 
 
@@ -92,11 +83,9 @@ def verify(out_dir: str | os.PathLike) -> dict:
     out = Path(out_dir)
     if not out.is_dir():
         raise PipelineError(f"records folder {out} does not exist")
-    manifest = read_json(out / MANIFEST, "manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
-            or not isinstance(manifest.get("files"), dict) or manifest.get("mindrecord") not in manifest["files"]:
-        raise PipelineError(f"{out / MANIFEST} is not a records manifest of this pipeline")
-    verify_files(out, manifest["files"], MANIFEST)
+    manifest = verify_manifest(out, FORMAT, "records")
+    if manifest.get("mindrecord") not in manifest["files"]:
+        raise PipelineError(f"{out / MANIFEST} names no MindRecord file among its files")
     return manifest
 
 

@@ -19,10 +19,10 @@ import shutil
 from pathlib import Path
 
 from llama.errors import PipelineError
-from llama.fileio import atomic_dir, file_entry, read_json, verify_files, write_json_atomic
+from llama.fileio import atomic_dir, read_json, verify_manifest, write_json_atomic, write_manifest
 
 FORMAT = "llama2-pipeline train checkpoint 1"
-WEIGHTS, OPTIMIZER, STATE, MANIFEST = "weights.ckpt", "optimizer.ckpt", "state.json", "manifest.json"
+WEIGHTS, OPTIMIZER, STATE = "weights.ckpt", "optimizer.ckpt", "state.json"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -46,9 +46,7 @@ def save(run_dir: str | os.PathLike, rank: int, step: int, weights: list, optimi
         ms.save_checkpoint(weights, str(tmp / WEIGHTS))
         ms.save_checkpoint(optimizer, str(tmp / OPTIMIZER))
         write_json_atomic(tmp / STATE, {"format": FORMAT, **state})
-        write_json_atomic(tmp / MANIFEST, {
-            "format": FORMAT,
-            "files": {name: file_entry(tmp / name) for name in (WEIGHTS, OPTIMIZER, STATE)}})
+        write_manifest(tmp, FORMAT)
     for old in list_steps(run_dir, rank)[:-keep_last]:
         shutil.rmtree(step_dir(run_dir, rank, old), ignore_errors=True)
     return final
@@ -65,10 +63,7 @@ def list_steps(run_dir: str | os.PathLike, rank: int) -> list[int]:
 def verify(folder: str | os.PathLike) -> dict:
     """Check a checkpoint folder's files against its manifest; return its state.json."""
     folder = Path(folder)
-    manifest = read_json(folder / MANIFEST, "checkpoint manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise PipelineError(f"{folder / MANIFEST} is not a training checkpoint manifest")
-    verify_files(folder, manifest["files"], MANIFEST)
+    verify_manifest(folder, FORMAT, "training checkpoint")
     return read_json(folder / STATE, "checkpoint state")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from llama.errors import PipelineError
-from llama.fileio import check_output_free, read_json
+from llama.fileio import MANIFEST, check_output_free, read_json
 from llama.train import checkpointing
 
 
@@ -95,7 +95,7 @@ def _rank_count(run_dir: Path) -> int:
 
 def _check_replicas(folders: list[Path], weights: list[dict]) -> None:
     """Data-parallel replicas must agree bit for bit; name the first tensor where one does not."""
-    digests = [read_json(folder / checkpointing.MANIFEST, "manifest")["files"][checkpointing.WEIGHTS]["sha256"]
+    digests = [read_json(folder / MANIFEST, "manifest")["files"][checkpointing.WEIGHTS]["sha256"]
                for folder in folders]
     for folder, digest, entries in zip(folders[1:], digests[1:], weights[1:]):
         if digest == digests[0]:
