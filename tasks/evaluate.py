@@ -10,18 +10,22 @@ from prefect import task
 from llama.eval.perplexity import evaluate_perplexity
 from llama.eval.predict import predict
 from llama.eval.squad import evaluate_squad
-from llama.fileio import write_json_atomic
-from tasks.cache import MINDSPORE_LOCK, CachedStage
+from llama.fileio import verify_manifest, write_json_atomic, write_manifest
+from tasks.cache import MINDSPORE_LOCK, CachedStage, verified_by
 from tasks.tracking import Run
 
 RESULT = "result.json"
+OUTPUTS = "llama2-pipeline evaluation outputs 1"
 
 
-def result_intact(folder: Path) -> bool:
-    return (folder / RESULT).is_file()
+def _finish(out: Path, result: dict) -> None:
+    """result.json, then the manifest of every output file: written last, it marks the folder complete."""
+    write_json_atomic(out / RESULT, result)
+    write_manifest(out, OUTPUTS)
 
 
-PERPLEXITY = CachedStage("perplexity", code=__name__, file_params=("checkpoint", "data"), outputs_valid=result_intact)
+outputs_intact = verified_by(lambda folder: verify_manifest(folder, OUTPUTS, "evaluation outputs"))
+PERPLEXITY = CachedStage("perplexity", code=__name__, file_params=("checkpoint", "data"), outputs_valid=outputs_intact)
 
 
 @task(name="perplexity", cache_key_fn=PERPLEXITY.cache_key_fn, persist_result=True,
@@ -31,11 +35,11 @@ def perplexity(checkpoint: str, data: str, convention: str, settings: dict, work
     out = PERPLEXITY.output_dir(locals())
     with MINDSPORE_LOCK:
         result = evaluate_perplexity(checkpoint, data, convention, show_progress=False, **settings)
-    write_json_atomic(out / RESULT, result)
+    _finish(out, result)
     return result
 
 
-SQUAD = CachedStage("squad", code=__name__, file_params=("checkpoint", "data"), outputs_valid=result_intact)
+SQUAD = CachedStage("squad", code=__name__, file_params=("checkpoint", "data"), outputs_valid=outputs_intact)
 
 
 @task(name="squad", cache_key_fn=SQUAD.cache_key_fn, persist_result=True, task_run_name="squad")
@@ -44,11 +48,11 @@ def squad(checkpoint: str, data: str, settings: dict, work_dir: str) -> dict:
     out = SQUAD.output_dir(locals())
     with MINDSPORE_LOCK:
         result = evaluate_squad(checkpoint, data, out / "predictions", overwrite=True, show_progress=False, **settings)
-    write_json_atomic(out / RESULT, result)
+    _finish(out, result)
     return result
 
 
-SAMPLES = CachedStage("samples", code=__name__, file_params=("checkpoint",), outputs_valid=result_intact)
+SAMPLES = CachedStage("samples", code=__name__, file_params=("checkpoint",), outputs_valid=outputs_intact)
 
 
 @task(name="samples", cache_key_fn=SAMPLES.cache_key_fn, persist_result=True, task_run_name="samples")
@@ -57,7 +61,7 @@ def samples(checkpoint: str, prompts: list[str], settings: dict, work_dir: str) 
     out = SAMPLES.output_dir(locals())
     with MINDSPORE_LOCK:
         result = predict(checkpoint, prompts, output=out / "samples.jsonl", overwrite=True, **settings)
-    write_json_atomic(out / RESULT, {"samples": str(out / "samples.jsonl")})
+    _finish(out, {"samples": str(out / "samples.jsonl")})
     return {"samples": str(out / "samples.jsonl"), "completions": result["completions"]}
 
 

@@ -55,6 +55,15 @@ def test_demo_runs_reruns_from_cache_and_reruns_only_what_a_change_touches(tmp_p
     assert ran == AFTER_TRAINING
     assert third["checkpoint"] != first["checkpoint"]
 
+    # A damaged evaluation output (its manifest no longer matches) reruns that evaluation and nothing else.
+    for predictions in (tmp_path / "work" / "squad").glob("*/predictions/predictions.jsonl"):
+        with open(predictions, "a", encoding="utf-8") as handle:
+            handle.write("\n")
+    fourth = pipeline(config="configs/pipeline/demo.yaml",
+                      overrides=QUICK + ["train.set.optimizer.learning_rate=5e-3"], work_dir=work)
+    assert {task for task, how in fourth["tasks"].items() if how == "ran"} == {"squad"}
+    assert fourth["metrics"] == third["metrics"]
+
 
 def _prefect_artifact_keys() -> set[str]:
     from prefect.client.orchestration import get_client
