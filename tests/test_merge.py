@@ -11,7 +11,7 @@ from llama.train import checkpointing
 from llama.train.config import TrainConfig
 from llama.train.merge import merge
 from llama.train.trainer import train
-from test_train_support import sample_ids, tiny_config
+from train_support import sample_ids, tiny_config
 
 pytestmark = pytest.mark.slow
 LORA = {"type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": "wq|wk|wv|wo"}

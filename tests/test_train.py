@@ -9,7 +9,7 @@ import pytest
 from llama.errors import PipelineError
 from llama.train.config import TrainConfig, load_train_config
 from llama.train.trainer import learning_rate, train
-from test_train_support import tiny_config
+from train_support import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llama.train.trainer import train
-from test_train_support import tiny_config
+from train_support import tiny_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
