@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import llama
 from llama.errors import PipelineError
-from llama.fileio import sha256_file
+from llama.fileio import MANIFEST, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,6 +94,9 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 def content_digest(path: str | os.PathLike) -> str:
     """sha256 of a file, or of a folder's files (names relative to it and their contents).
 
+    A folder this pipeline wrote lists the sha256 of its files in its manifest; those are used as they are,
+    since every reader (and the producing stage's `outputs_valid`) checks the bytes against them, so a large
+    checkpoint is not hashed a second time for the next stage's key. Files it does not list are hashed.
     Digests are remembered per (path, size, mtime) within a process, so a flow hashes each input once.
     """
     path = Path(path)
@@ -101,12 +104,25 @@ def content_digest(path: str | os.PathLike) -> str:
         stat = path.stat()
         return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if path.is_dir():
+        listed = _manifest_digests(path)
         digest = hashlib.sha256()
         for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            digest.update(str(child.relative_to(path)).encode() + b"\0")
-            digest.update(content_digest(child).encode())
+            name = child.relative_to(path).as_posix()
+            digest.update(name.encode() + b"\0")
+            digest.update(listed.get(name) or content_digest(child).encode())
         return digest.hexdigest()
     raise FileNotFoundError(f"cache input {path} does not exist")
+
+
+def _manifest_digests(folder: Path) -> dict[str, bytes]:
+    """File name -> sha256 from the folder's manifest when this pipeline wrote it, else nothing."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if not str(manifest["format"]).startswith("llama2-pipeline "):
+            return {}
+        return {name: entry["sha256"].encode() for name, entry in manifest["files"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
 
 
 def _paths(value: Any) -> Iterable[Any]:

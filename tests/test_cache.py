@@ -48,3 +48,22 @@ def test_code_version_follows_imports_only():
     data_imports = _imported_modules(_module_file("tasks.data"))
     assert {"llama.data.wiki", "tasks.cache"} <= data_imports
     assert code_version("tasks.data") != code_version("tasks.cache")
+
+
+def test_a_pipeline_folder_is_keyed_by_its_manifest_digests(tmp_path):
+    """Its readers verify the files against the manifest, so the key uses the listed sha256s without
+    hashing the files again; files the manifest does not list are still hashed."""
+    from llama.fileio import write_manifest
+
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"\x00" * 10)
+    write_manifest(folder, "llama2-pipeline test 1")
+    key = content_key("s", {"data": folder}, ["data"])
+    (folder / "weights.bin").write_bytes(b"\x01" * 10)  # damaged behind the manifest's back: readers refuse it
+    assert content_key("s", {"data": folder}, ["data"]) == key
+    write_manifest(folder, "llama2-pipeline test 1")  # rewritten by the pipeline: new content, new key
+    rewritten = content_key("s", {"data": folder}, ["data"])
+    assert rewritten != key
+    (folder / "notes.txt").write_text("not in the manifest")
+    assert content_key("s", {"data": folder}, ["data"]) != rewritten
