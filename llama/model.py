@@ -246,8 +246,8 @@ class LlamaForCausalLM(nn.Cell):
 
     def init_kv_cache(self, batch: int, length: int) -> tuple:
         """Zeroed (key, value) buffers per layer, each [B, K, length, D] in the compute dtype."""
-        shape = (batch, self.config.num_kv_heads, length, self.config.head_dim)
-        return tuple((ops.zeros(shape, self.compute_dtype), ops.zeros(shape, self.compute_dtype))
+        zeros = np.zeros((batch, self.config.num_kv_heads, length, self.config.head_dim), np.float32)
+        return tuple((Tensor(zeros, self.compute_dtype), Tensor(zeros, self.compute_dtype))
                      for _ in range(self.config.num_layers))
 
     def decode(self, input_ids, positions, mask, cache_index, kv_caches, prefix_key_values=None):
