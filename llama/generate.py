@@ -5,7 +5,7 @@
              seed=0, eos_id=2, pad_id=0) -> list[list[int]]   # the new ids of each prompt (EOS included)
 
 Prompts are left-padded into one batch. One prefill step writes every prompt position into a KV cache of
-fixed length (longest prompt + max_new_tokens, rounded up to a bucket); then each decode step writes one slot.
+fixed length (longest prompt + max_new_tokens, rounded up to buckets); then each decode step writes one slot.
 Steps have static shapes, so each graph is compiled once by `mindspore.jit` and reused for every token and for
 later calls of similar lengths (on this CPU a compiled step is about 100x faster than PyNative). A step takes
 only the tokens, the first cache slot they fill and each row's padding; positions, the attention mask and
