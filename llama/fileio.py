@@ -15,6 +15,7 @@ from llama.errors import PipelineError
 
 CHUNK = 1 << 20
 MANIFEST = "manifest.json"
+FORMAT_PREFIX = "llama2-pipeline "  # every manifest format this project writes starts so
 
 
 def _umask() -> int:
@@ -119,6 +120,19 @@ def write_manifest(folder: str | os.PathLike, fmt: str, **fields) -> dict:
     manifest = {"format": fmt, **fields, "files": files}
     write_json_atomic(folder / MANIFEST, manifest)
     return manifest
+
+
+def pipeline_manifest_files(folder: str | os.PathLike) -> dict | None:
+    """The `files` of the folder's manifest (name -> size and sha256) when this pipeline wrote it, else None.
+    Unverified: for naming a folder by its recorded content, not for trusting its bytes."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not str(manifest.get("format")).startswith(FORMAT_PREFIX) \
+            or not isinstance(manifest.get("files"), dict):
+        return None
+    return manifest["files"]
 
 
 def verify_manifest(folder: str | os.PathLike, fmt: str, what: str) -> dict:

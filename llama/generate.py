@@ -138,6 +138,8 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
         tokens[row, pads[row]:] = ids
     model.set_train(False)
     step = _compiled(model, "step", lambda: DecodeStep(model))
+    if greedy:
+        step_chunk = _compiled(model, f"greedy{chunk}", lambda: GreedyChunk(DecodeStep(model), chunk))
     pads = ms.Tensor(pads)
     # mutable: the caches are graph inputs, not constants that would force a recompile per step
     logits, caches = step(ms.Tensor(tokens), ms.Tensor(0, ms.int32), pads,
@@ -163,7 +165,7 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     while not finished:
         inputs = (ms.Tensor(next_ids.astype(np.int32)[:, None]), ms.Tensor(slot, ms.int32), pads, ms.mutable(caches))
         if greedy:
-            chosen, caches = _compiled(model, f"greedy{chunk}", lambda: GreedyChunk(DecodeStep(model), chunk))(*inputs)
+            chosen, caches = step_chunk(*inputs)
             columns = chosen.asnumpy().T
         else:
             logits, caches = step(*inputs)

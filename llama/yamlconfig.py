@@ -70,7 +70,6 @@ def resolve_path(value: str | os.PathLike, base: str | os.PathLike) -> Path:
     return path if path.is_absolute() else Path(base) / path
 
 
-
 def flatten(config: dict, prefix: str = "") -> dict:
     """`{"train": {"lr": 1e-4}}` → `{"train.lr": 1e-4}`: nested sections as dotted keys."""
     flat = {}

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import llama
 from llama.errors import PipelineError
-from llama.fileio import MANIFEST, sha256_file
+from llama.fileio import pipeline_manifest_files, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,25 +104,15 @@ def content_digest(path: str | os.PathLike) -> str:
         stat = path.stat()
         return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if path.is_dir():
-        listed = _manifest_digests(path)
+        listed = pipeline_manifest_files(path) or {}
         digest = hashlib.sha256()
         for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
             name = child.relative_to(path).as_posix()
+            recorded = listed.get(name)
             digest.update(name.encode() + b"\0")
-            digest.update(listed.get(name) or content_digest(child).encode())
+            digest.update(str(recorded["sha256"] if isinstance(recorded, dict) else content_digest(child)).encode())
         return digest.hexdigest()
     raise FileNotFoundError(f"cache input {path} does not exist")
-
-
-def _manifest_digests(folder: Path) -> dict[str, bytes]:
-    """File name -> sha256 from the folder's manifest when this pipeline wrote it, else nothing."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        if not str(manifest["format"]).startswith("llama2-pipeline "):
-            return {}
-        return {name: entry["sha256"].encode() for name, entry in manifest["files"].items()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return {}
 
 
 def _paths(value: Any) -> Iterable[Any]:

@@ -59,10 +59,11 @@ SAMPLES = CachedStage("samples", code=__name__, file_params=("checkpoint",), out
 def samples(checkpoint: str, prompts: list[str], settings: dict, work_dir: str) -> dict:
     """A few generations from the finished model, to read beside its metrics."""
     out = SAMPLES.output_dir(locals())
+    path = out / "samples.jsonl"
     with MINDSPORE_LOCK:
-        result = predict(checkpoint, prompts, output=out / "samples.jsonl", overwrite=True, **settings)
-    _finish(out, {"samples": str(out / "samples.jsonl")})
-    return {"samples": str(out / "samples.jsonl"), "completions": result["completions"]}
+        result = predict(checkpoint, prompts, output=path, overwrite=True, **settings)
+    _finish(out, {"samples": str(path)})
+    return {"samples": str(path), "completions": result["completions"]}
 
 
 def log_perplexity(run: Run, result: dict, dataset: str) -> None:

@@ -69,22 +69,24 @@ def tok512() -> Path:
 
 # Training and merge inputs: tiny records made by the real preprocess stage, and a tiny base checkpoint.
 
+def _preprocessed(tmp_path_factory, kind: str, source: Path, seq_length: int) -> Path:
+    """`llama2-pipeline preprocess KIND` of a bundled file with tok512, through the real CLI."""
+    out = tmp_path_factory.mktemp("records") / f"{kind}{seq_length}"
+    assert cli(["preprocess", kind, "--input", str(source), "--tokenizer", str(FIXTURES / "tok512.model"),
+                "--seq-length", str(seq_length), "--output", str(out)]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def wiki_records(tmp_path_factory, fixtures):
-    """WikiText-2 slice as rows of 129 tokens (tok512), via `preprocess wiki`."""
-    out = tmp_path_factory.mktemp("records") / "wiki128"
-    assert cli(["preprocess", "wiki", "--input", str(fixtures / "wiki_slice.tokens"), "--tokenizer",
-                str(fixtures / "tok512.model"), "--seq-length", "128", "--output", str(out)]) == 0
-    return out
+    """WikiText-2 slice as rows of 129 tokens."""
+    return _preprocessed(tmp_path_factory, "wiki", fixtures / "wiki_slice.tokens", 128)
 
 
 @pytest.fixture(scope="session")
 def alpaca_records(tmp_path_factory, fixtures):
-    """The Alpaca seed tasks as input_ids + labels rows of 385 tokens, via `preprocess alpaca`."""
-    out = tmp_path_factory.mktemp("records") / "alpaca384"
-    assert cli(["preprocess", "alpaca", "--input", str(fixtures / "alpaca_seed_tasks.json"), "--tokenizer",
-                str(fixtures / "tok512.model"), "--seq-length", "384", "--output", str(out)]) == 0
-    return out
+    """The Alpaca seed tasks as input_ids + labels rows of 385 tokens."""
+    return _preprocessed(tmp_path_factory, "alpaca", fixtures / "alpaca_seed_tasks.json", 384)
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ import stat
 import pytest
 
 from llama.errors import PipelineError
-from llama.fileio import (MANIFEST, atomic_dir, atomic_path, read_json, verify_manifest, write_json_atomic,
-                          write_manifest)
+from llama.fileio import (MANIFEST, atomic_dir, atomic_path, pipeline_manifest_files, read_json, verify_manifest,
+                          write_json_atomic, write_manifest)
 
 
 def test_atomic_dir_leaves_nothing_when_the_block_fails(tmp_path):
@@ -60,11 +60,15 @@ def test_manifest_covers_subfolders_and_names_the_damaged_file(tmp_path):
     manifest = write_manifest(tmp_path, "test format", note="x")
     assert sorted(manifest["files"]) == ["predictions/rows.jsonl", "result.json"] and manifest["note"] == "x"
     assert verify_manifest(tmp_path, "test format", "test") == manifest
+    assert pipeline_manifest_files(tmp_path) is None  # not a format this project writes
+    assert pipeline_manifest_files(tmp_path / "predictions") is None  # no manifest at all
     with pytest.raises(PipelineError, match="not a test manifest"):
         verify_manifest(tmp_path, "other format", "test")
+    ours = write_manifest(tmp_path, "llama2-pipeline test 1")
+    assert pipeline_manifest_files(tmp_path) == ours["files"] == manifest["files"]
     (tmp_path / "predictions" / "rows.jsonl").write_text('{"id": 2}\n')  # same size, other bytes
     with pytest.raises(PipelineError, match="rows.jsonl does not match the sha256"):
-        verify_manifest(tmp_path, "test format", "test")
+        verify_manifest(tmp_path, "llama2-pipeline test 1", "test")
 
 
 @pytest.mark.parametrize("name", ["../outside.txt", "/etc/passwd", "a/../../b"])

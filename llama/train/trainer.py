@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from llama.errors import PipelineError
-from llama.fileio import MANIFEST, read_json, sha256_bytes, sha256_file, write_json_atomic
+from llama.fileio import pipeline_manifest_files, read_json, sha256_bytes, sha256_file, write_json_atomic
 from llama.progress import Progress
 from llama.train import checkpointing
 from llama.train.config import TrainConfig, as_train_config
@@ -204,8 +204,8 @@ class Network:
 def checkpoint_identity(path: str | os.PathLike) -> str:
     """sha256 naming a checkpoint: of its manifest's file list for our folders, else of its file(s)."""
     path = Path(path)
-    if (path / MANIFEST).is_file():
-        files = read_json(path / MANIFEST, "manifest").get("files", {})
+    files = pipeline_manifest_files(path)
+    if files is not None:
         return sha256_bytes(json.dumps(files, sort_keys=True).encode())
     if path.is_file():
         return sha256_file(path)
