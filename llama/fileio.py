@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
@@ -31,6 +32,12 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_files(paths) -> list[str]:
+    """`sha256_file` of each path, on every core: hashlib and file reads let other threads run."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(sha256_file, paths))
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -115,8 +122,9 @@ def write_manifest(folder: str | os.PathLike, fmt: str, **fields) -> dict:
     """Write `folder/manifest.json`: `fields` and the size and sha256 of every other file in the folder and
     its subfolders. Write it last: its presence then means the folder is complete."""
     folder = Path(folder)
-    files = {path.relative_to(folder).as_posix(): file_entry(path)
-             for path in sorted(folder.rglob("*")) if path.is_file() and path != folder / MANIFEST}
+    paths = [path for path in sorted(folder.rglob("*")) if path.is_file() and path != folder / MANIFEST]
+    files = {path.relative_to(folder).as_posix(): {"size": os.path.getsize(path), "sha256": digest}
+             for path, digest in zip(paths, sha256_files(paths))}
     manifest = {"format": fmt, **fields, "files": files}
     write_json_atomic(folder / MANIFEST, manifest)
     return manifest
@@ -161,8 +169,9 @@ def verify_files(folder: str | os.PathLike, files: dict, manifest: str = MANIFES
             raise PipelineError(f"{path} is missing")
         if path.stat().st_size != info["size"]:
             raise PipelineError(f"{path} has {path.stat().st_size} bytes, the manifest says {info['size']}")
-    for name, info in files.items():
-        if sha256_file(folder / name) != info["sha256"]:
+    digests = sha256_files([folder / name for name in files])
+    for (name, info), digest in zip(files.items(), digests):
+        if digest != info["sha256"]:
             raise PipelineError(f"{folder / name} does not match the sha256 in its manifest (damaged or changed)")
 
 

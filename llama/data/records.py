@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +50,11 @@ def write_records(out_dir: str | os.PathLike, columns: dict[str, np.ndarray], *,
         raise PipelineError(f"nothing to write to {out_dir}: no rows")
     file_name = file_name or f"{kind}{seq_length}.mindrecord"
     extra_files = extra_files or {}
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp, ThreadPoolExecutor(max_workers=1) as background:
+        parquet = background.submit(_write_parquet, tmp / PARQUET, arrays)  # Arrow writes without the GIL
         with Progress(f"write {file_name}", total=rows, unit="rows", enabled=show_progress) as progress:
             _write_mindrecord(tmp / file_name, arrays, kind, progress)
-        _write_parquet(tmp / PARQUET, arrays)
+        parquet.result()
         for name, source in extra_files.items():
             shutil.copyfile(source, tmp / name)
         manifest = write_manifest(

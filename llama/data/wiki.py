@@ -31,22 +31,35 @@ from llama.progress import Progress
 MODES = ("mindformers", "standard")
 
 
+# The ASCII characters str.strip() strips (bytes.strip() keeps \x1c-\x1f); a non-ASCII byte may start a Unicode space.
+_ASCII_WHITESPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+
+
 def _strip_inside(opener: str, closer: str):
     """lm-eval's `\\(\\s*([^\\)]*?)\\s*\\)` → `(\\1)` for one bracket pair, without its slow lazy backtracking.
 
     The inner class excludes the closer, so a match always runs from an opener to the first closer after
-    it; stripping the text between them (str.strip and the regex `\\s` agree on what whitespace is) gives
-    the same result.
+    it; stripping the text between them as str.strip does (it and the regex `\\s` agree on what whitespace
+    is) gives the same result.
     """
-    pattern = re.compile(f"{re.escape(opener)}([^{re.escape(closer)}]*){re.escape(closer)}")
-    return pattern, lambda match: opener + match[1].strip() + closer
+    opener_bytes, closer_bytes = opener.encode(), closer.encode()
+    pattern = re.compile(re.escape(opener_bytes) + b"([^" + re.escape(closer_bytes) + b"]*)" + re.escape(closer_bytes))
+
+    def strip(match: re.Match) -> bytes:
+        inner = match[1].strip(_ASCII_WHITESPACE)
+        if inner and (inner[0] >= 0x80 or inner[-1] >= 0x80):
+            inner = inner.decode().strip().encode()
+        return opener_bytes + inner + closer_bytes
+
+    return pattern, strip
 
 
-# lm-eval's `wikitext_detokenizer` (which MindFormers copies as `clean_wikitext`): ordered replacements,
-# each a (str, str) for str.replace or a (compiled regex, replacement) for Pattern.sub.
-_DETOKENIZE = [
+# lm-eval's `wikitext_detokenizer` (which MindFormers copies as `clean_wikitext`) on UTF-8 bytes, where
+# replacing is faster than on str and gives the same result: ordered replacements, each a (bytes, bytes) for
+# bytes.replace or a (compiled regex, replacement) for Pattern.sub.
+_DETOKENIZE = [(old.encode(), new.encode()) if isinstance(old, str) else (old, new) for old, new in [
     ("s '", "s'"),
-    (re.compile(r"/' [0-9]/"), r"/'[0-9]/"),
+    (re.compile(rb"/' [0-9]/"), rb"/'[0-9]/"),
     (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."),
     (" : ", ": "), (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", "),
     _strip_inside("(", ")"), _strip_inside("[", "]"), _strip_inside("{", "}"),
@@ -55,14 +68,15 @@ _DETOKENIZE = [
     (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"),
     (" \n", "\n"), ("\n ", "\n"),
     (" N ", " 1 "), (" 's", "'s"),
-]
+]]
 
 
 def wikitext_detokenize(text: str) -> str:
     """Undo WikiText's tokenization spacing (`3 @.@ 5` → `3.5`, `( x )` → `(x)`) as lm-eval does."""
+    data = text.encode()
     for pattern, replacement in _DETOKENIZE:
-        text = text.replace(pattern, replacement) if isinstance(pattern, str) else pattern.sub(replacement, text)
-    return text
+        data = data.replace(pattern, replacement) if isinstance(pattern, bytes) else pattern.sub(replacement, data)
+    return data.decode()
 
 
 def mindformers_paragraphs(text: str) -> tuple[list[str], int]:
