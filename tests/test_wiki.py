@@ -11,7 +11,7 @@ import sentencepiece
 
 from llama.cli import run
 from llama.data.records import read_columns
-from llama.data.wiki import mindformers_paragraphs, preprocess_wiki, standard_text, wikitext_detokenize
+from llama.data.wiki import _replace, mindformers_paragraphs, preprocess_wiki, standard_text, wikitext_detokenize
 from llama.errors import PipelineError
 
 
@@ -54,6 +54,22 @@ def test_detokenizer_equals_lm_eval_on_random_soup():
     for _ in range(5000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         assert wikitext_detokenize(text) == lm_eval_wikitext_detokenizer(text), repr(text)
+
+
+def test_replace_step_equals_bytes_replace_on_long_texts():
+    """Long texts with few matches take the numpy path: the same bytes as bytes.replace, overlapping runs
+    such as `" . . . "` and `"= = = = ="` included; with many matches it hands over to bytes.replace."""
+    steps = [(" . ", ". "), ("= = =", "==="), ("= =", "=="), (" @-@ ", "-"), ("s '", "s'"), (" \n", "\n"),
+             ("\n ", "\n"), (" N ", " 1 "), (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}")]
+    filler = ["word", "Word", "N", "s", "12", " ", " ", "\n", "\N{DEGREE SIGN}", "\u6226"]
+    fragments = [" . ", " . . . ", "= ", "= = = = =", " @-@ ", " @-@ @-@ ", "s '", " \n", "\n ", " N ", " N N ",
+                 " \N{DEGREE SIGN} "]
+    rng = random.Random(2)
+    for density in (0.002, 0.02, 0.5):
+        text = "".join(rng.choice(fragments) if rng.random() < density else rng.choice(filler) for _ in range(60000))
+        data = text.encode()
+        for old, new in steps:
+            assert _replace(old, new)(data) == data.replace(old.encode(), new.encode()), (density, old)
 
 
 def test_detokenizer_equals_lm_eval_on_wikitext(shared_data):

@@ -14,6 +14,7 @@ only splits the text and glues the id lists together.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from itertools import chain
@@ -134,7 +135,11 @@ class Tokenizer:
         # MindFormers pads with its pad token "<unk>", i.e. the unknown-piece id (0 for Llama 2).
         self.pad_id = self.sp.unk_id()
         self.special_ids = {token: self.sp.piece_to_id(token) for token in SPECIAL_TOKENS}
-        self.words = WordEncoder.for_model(data)
+
+    @functools.cached_property
+    def words(self) -> WordEncoder | None:
+        """The word-by-word encoder for large inputs, where this model allows it (built on first use)."""
+        return WordEncoder.for_model(self.sp.serialized_model_proto())
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, split_special: bool = True) -> list[int]:
         """MindFormers' ids for `text` (`split_special=False`: plain sentencepiece), optionally with BOS/EOS."""
@@ -188,7 +193,7 @@ class Tokenizer:
     def _encode_pieces(self, pieces, chunks, text_chunks, workers, progress) -> tuple[np.ndarray, np.ndarray]:
         """Every piece's ids (with the dummy prefix) as one array plus offsets; `progress` counts texts."""
         texts = len(text_chunks) - 1
-        if self.words is not None and sum(map(len, pieces)) >= WORD_ENCODER_MIN_CHARS:
+        if sum(map(len, pieces)) >= WORD_ENCODER_MIN_CHARS and self.words is not None:
             encoded = self.words.encode(pieces, workers)
             if encoded is not None:
                 if progress is not None:
