@@ -28,15 +28,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _request(request: urllib.request.Request | str, timeout: float):
+    """JSON from one HTTP call, retrying a busy server's 502/503 answers as Prefect's own client does."""
+    for attempt in range(6):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as err:
+            if err.code not in (502, 503) or attempt == 5:
+                raise
+            time.sleep(0.5 * 2 ** attempt)
+
+
 def _get(url: str, timeout: float = 5.0):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read() or b"null")
+    return _request(url, timeout)
 
 
 def _post(url: str, body: dict):
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+    return _request(urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"}), 10)
 
 
 def _wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
