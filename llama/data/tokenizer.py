@@ -85,24 +85,24 @@ class WordEncoder:
             and not any(re.search(f"[^{_SPACE_MARK}]{_SPACE_MARK}", piece.piece) for piece in model.pieces))
         if not qualifies:
             return None
-        # Each piece is encoded as " " + piece by a copy without the dummy prefix: the same `▁` + piece.
+        # Texts are encoded as " " + text by a copy without the dummy prefix: the same `▁` + text.
         normalizer.add_dummy_prefix = False
         return cls(sentencepiece.SentencePieceProcessor(model_proto=model.SerializeToString()))
 
-    def encode(self, pieces: Sequence[str], workers: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """All pieces' ids (each with the dummy prefix) as one int32 array plus int64 offsets (len + 1)."""
+    def encode(self, texts: Sequence[str], workers: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """All texts' ids (each with the dummy prefix) as one int32 array plus int64 offsets (len + 1)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        encoded = [piece.encode() for piece in pieces]
-        data = b" " + b" ".join(encoded)  # every piece with its dummy-prefix space in front
+        encoded = [text.encode() for text in texts]
+        data = b" " + b" ".join(encoded)  # every text with its dummy-prefix space in front
         if b"\0" in data or _SPACE_MARK.encode() in data:
             return None
         offsets = np.concatenate(([0], np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)) + 1)))
-        texts = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(encoded),
+        array = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(encoded),
                                                  [None, pa.py_buffer(offsets), pa.py_buffer(data)])
         # A NUL before every space that follows a non-space: words keep the spaces in front of them.
-        marked = pc.replace_substring(pc.replace_substring(texts, b" ", b"\0 "), b" \0", b" ")
+        marked = pc.replace_substring(pc.replace_substring(array, b" ", b"\0 "), b" \0", b" ")
         words = pc.split_pattern(marked, b"\0")
         codes = words.flatten().dictionary_encode()
         distinct_ids, distinct_offsets = _flatten(self.sp.encode(codes.dictionary.to_pylist(), num_threads=workers))
@@ -143,7 +143,8 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, split_special: bool = True) -> list[int]:
         """MindFormers' ids for `text` (`split_special=False`: plain sentencepiece), optionally with BOS/EOS."""
-        return self.encode_batch([text], bos, eos, split_special, workers=1)[0]
+        return [token for part in self._parts(text, bos, eos, split_special)
+                for token in ([part] if isinstance(part, int) else self.sp.encode(part))]
 
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
                      split_special: bool = True, workers: int | None = None, progress=None) -> list[list[int]]:
@@ -164,16 +165,12 @@ class Tokenizer:
         text_chunks: list[int] = []  # each text's first chunk
         for text in texts:
             text_chunks.append(len(chunks))
-            if bos:
-                chunks.append(~self.bos_id)
-            for index, part in enumerate(_SPECIAL_SPLIT.split(text) if split_special else [text]):
-                if index % 2:
-                    chunks.append(~self.special_ids[part])
-                elif part:
+            for part in self._parts(text, bos, eos, split_special):
+                if isinstance(part, int):
+                    chunks.append(~part)
+                else:
                     chunks.append(len(pieces))
                     pieces.append(part)
-            if eos:
-                chunks.append(~self.eos_id)
         text_chunks.append(len(chunks))
 
         piece_ids, piece_offsets = self._encode_pieces(pieces, chunks, text_chunks, workers or os.cpu_count() or 1,
@@ -189,6 +186,18 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+    def _parts(self, text: str, bos: bool, eos: bool, split_special: bool):
+        """`text` as MindFormers encodes it, in order: single token ids (int) and non-empty pieces of text."""
+        if bos:
+            yield self.bos_id
+        for index, part in enumerate(_SPECIAL_SPLIT.split(text) if split_special else [text]):
+            if index % 2:
+                yield self.special_ids[part]
+            elif part:
+                yield part
+        if eos:
+            yield self.eos_id
 
     def _encode_pieces(self, pieces, chunks, text_chunks, workers, progress) -> tuple[np.ndarray, np.ndarray]:
         """Every piece's ids (with the dummy prefix) as one array plus offsets; `progress` counts texts."""
