@@ -9,7 +9,7 @@ import sentencepiece
 from sentencepiece import sentencepiece_model_pb2
 
 from llama.data.tokenizer import BLOCK, WORD_ENCODER_MIN_CHARS, Tokenizer, WordEncoder
-from llama.data.wiki import mindformers_paragraphs
+from llama.data.wiki import mindformers_paragraphs, standard_text
 from llama.errors import PipelineError
 
 
@@ -126,13 +126,15 @@ def test_large_inputs_take_the_word_encoder_and_spell_the_same(tok512_keeping_sp
 
 
 def test_word_encoder_equals_sentencepiece_on_real_corpora(shared_data, llama2_tokenizer):
-    """Llama 2's tokenizer on all of WikiText-2 train (as MindFormers splits it), SQuAD dev and Alpaca."""
+    """Llama 2's tokenizer on all of WikiText-2 train (as MindFormers splits it, and as the one text of the
+    standard convention), SQuAD dev and Alpaca."""
     tok = Tokenizer(llama2_tokenizer)
-    paragraphs, _ = mindformers_paragraphs((shared_data / "wikitext2" / "wiki.train.tokens").read_text("utf-8"))
+    wiki = (shared_data / "wikitext2" / "wiki.train.tokens").read_text("utf-8")
+    paragraphs, _ = mindformers_paragraphs(wiki)
     squad = json.loads((shared_data / "squad_v1.1" / "dev-v1.1.json").read_text("utf-8"))["data"]
     contexts = [p["context"] + " " + q["question"] for a in squad for p in a["paragraphs"] for q in p["qas"]]
     alpaca = [" ".join(r.values()) for r in json.loads((shared_data / "alpaca" / "alpaca_seed_tasks.json").read_text())]
-    for texts in (paragraphs, contexts, alpaca):
+    for texts in (paragraphs, [standard_text(wiki)], contexts, alpaca):
         ids, offsets = tok.words.encode(texts, workers=2)
         assert ids.tolist() == [i for ids in tok.sp.encode(texts, num_threads=2) for i in ids]
         assert len(offsets) == len(texts) + 1
