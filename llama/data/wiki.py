@@ -93,12 +93,12 @@ def _replace(old: str, new: str):
             return data
         if len(starts) * _DENSE > len(data):
             return data.replace(old_bytes, new_bytes)
-        if (np.diff(starts) < len(old_bytes)).any():
-            kept, end = [], 0
+        if (np.diff(starts) < len(old_bytes)).any():  # overlapping occurrences: the leftmost of each run wins
+            kept, free_from = [], 0
             for start in starts.tolist():
-                if start >= end:
+                if start >= free_from:
                     kept.append(start)
-                    end = start + len(old_bytes)
+                    free_from = start + len(old_bytes)
             starts = np.array(kept)
         cuts = [0, *np.column_stack((starts, starts + len(old_bytes))).ravel().tolist(), len(data)]
         return new_bytes.join([data[begin:end] for begin, end in zip(cuts[::2], cuts[1::2])])
