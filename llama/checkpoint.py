@@ -46,7 +46,7 @@ import numpy as np
 
 from llama.config import ModelConfig, llama_intermediate_size
 from llama.errors import PipelineError
-from llama.fileio import MANIFEST, atomic_dir, file_entry, read_json, verify_manifest, write_json_atomic
+from llama.fileio import MANIFEST, atomic_dir, read_json, verify_manifest, write_json_atomic, write_manifest
 from llama.progress import Progress
 
 FORMAT = "llama2-pipeline checkpoint 1"
@@ -690,21 +690,11 @@ def write_checkpoint(source: Source, out_dir: str | os.PathLike, fmt: str = "ckp
             write_json_atomic(tmp / MODEL_CONFIG, config.to_dict())
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
-        for path in sorted(tmp.iterdir()):
-            if path.name not in digests:
-                digests[path.name] = file_entry(path)
-        manifest = {
-            "format": FORMAT,
-            "kind": "huggingface" if hf else "mindspore",
-            "weights": files,
-            "dtype": config.param_dtype,
-            "tensors": len(items),
-            "parameters": int(sum(np.prod(entry.shape) for _, entry in items)),
-            "model_config": config.to_dict(),
-            "source": {"path": str(source.path), "kind": source.kind},
-            "files": dict(sorted(digests.items())),
-        }
-        write_json_atomic(tmp / MANIFEST, manifest)
+        manifest = write_manifest(
+            tmp, FORMAT, hashed=digests, kind="huggingface" if hf else "mindspore", weights=files,
+            dtype=config.param_dtype, tensors=len(items),
+            parameters=int(sum(np.prod(entry.shape) for _, entry in items)), model_config=config.to_dict(),
+            source={"path": str(source.path), "kind": source.kind})
     return manifest
 
 

@@ -113,19 +113,18 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def file_entry(path: str | os.PathLike) -> dict:
-    """What a manifest records of a file: its size and sha256."""
-    return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
-
-
-def write_manifest(folder: str | os.PathLike, fmt: str, **fields) -> dict:
+def write_manifest(folder: str | os.PathLike, fmt: str, hashed: dict | None = None, **fields) -> dict:
     """Write `folder/manifest.json`: `fields` and the size and sha256 of every other file in the folder and
-    its subfolders. Write it last: its presence then means the folder is complete."""
+    its subfolders (`hashed`: entries already computed while writing, by relative name). Write it last: its
+    presence then means the folder is complete."""
     folder = Path(folder)
-    paths = [path for path in sorted(folder.rglob("*")) if path.is_file() and path != folder / MANIFEST]
-    files = {path.relative_to(folder).as_posix(): {"size": os.path.getsize(path), "sha256": digest}
-             for path, digest in zip(paths, sha256_files(paths))}
-    manifest = {"format": fmt, **fields, "files": files}
+    hashed = hashed or {}
+    names = [path.relative_to(folder).as_posix() for path in sorted(folder.rglob("*"))
+             if path.is_file() and path != folder / MANIFEST]
+    unhashed = [name for name in names if name not in hashed]
+    computed = {name: {"size": os.path.getsize(folder / name), "sha256": digest}
+                for name, digest in zip(unhashed, sha256_files([folder / name for name in unhashed]))}
+    manifest = {"format": fmt, **fields, "files": {name: hashed.get(name) or computed[name] for name in names}}
     write_json_atomic(folder / MANIFEST, manifest)
     return manifest
 
@@ -154,7 +153,7 @@ def verify_manifest(folder: str | os.PathLike, fmt: str, what: str) -> dict:
     return manifest
 
 
-def verify_files(folder: str | os.PathLike, files: dict, manifest: str = MANIFEST) -> None:
+def verify_files(folder: str | os.PathLike, files: dict) -> None:
     """Check the files a manifest lists (sizes first, which is cheap, then sha256s) before anything reads them.
 
     A one-line error names the first file that is missing, of the wrong size, or changed.
@@ -164,7 +163,7 @@ def verify_files(folder: str | os.PathLike, files: dict, manifest: str = MANIFES
         path = folder / name
         relative = PurePosixPath(name)
         if relative.is_absolute() or ".." in relative.parts or "\\" in name:
-            raise PipelineError(f"{folder / manifest} lists a file outside its folder: {name}")
+            raise PipelineError(f"{folder / MANIFEST} lists a file outside its folder: {name}")
         if not path.is_file():
             raise PipelineError(f"{path} is missing")
         if path.stat().st_size != info["size"]:
