@@ -86,7 +86,8 @@ LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter of `LlamaForCausalLM(config)`, in the model's order, with its shape."""
+    """Every parameter of `LlamaForCausalLM(config)`, in the model's order, with its shape in MindFormers'
+    checkpoint layout (see llama.model.checkpoint_layout)."""
     hidden, inter, kv = config.hidden_size, config.intermediate_size, config.num_kv_heads * config.head_dim
     shapes = {"model.tok_embeddings.embedding_weight": (config.vocab_size, hidden)}
     for i in range(config.num_layers):
@@ -705,17 +706,23 @@ def _param_array(param) -> np.ndarray:
 
 
 def params_source(model_or_params, config: ModelConfig) -> Source:
-    """A Source over an in-memory model (nn.Cell) or a {name: numpy array or MindSpore tensor} dict."""
-    params = model_or_params
-    if hasattr(model_or_params, "parameters_and_names"):
-        params = dict(model_or_params.parameters_and_names())
+    """A Source over an in-memory model (nn.Cell; its tensors are read out in the checkpoint layout) or a
+    {name: numpy array or MindSpore tensor} dict that is in the checkpoint layout already."""
     entries = {}
-    for name, value in params.items():
-        if isinstance(value, np.ndarray):
-            entries[name] = Entry(value.shape, value.dtype, lambda v=value: v)
-        else:
-            entries[name] = Entry(tuple(value.shape), np.dtype(MS_TYPES[str(value.dtype)]),
-                                  lambda v=value: _param_array(v))
+    if hasattr(model_or_params, "parameters_and_names"):
+        from llama.model import checkpoint_layout, transposed_in_model
+
+        for name, param in model_or_params.parameters_and_names():
+            shape = tuple(param.shape)[::-1] if transposed_in_model(name) else tuple(param.shape)
+            entries[name] = Entry(shape, np.dtype(MS_TYPES[str(param.dtype)]),
+                                  lambda n=name, p=param: checkpoint_layout(n, _param_array(p)))
+    else:
+        for name, value in model_or_params.items():
+            if isinstance(value, np.ndarray):
+                entries[name] = Entry(value.shape, value.dtype, lambda v=value: v)
+            else:
+                entries[name] = Entry(tuple(value.shape), np.dtype(MS_TYPES[str(value.dtype)]),
+                                      lambda v=value: _param_array(v))
     check_tensors(entries, config, "model")
     return Source(Path("<memory>"), "mindspore", {n: entries[n] for n in expected_shapes(config)}, config)
 
@@ -745,8 +752,17 @@ def load_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = 
         on_cpu = ms.get_context("device_target") == "CPU"
         config = config.replace(param_dtype=dtype, compute_dtype="float32" if dtype == "bfloat16" and on_cpu else dtype)
     model = LlamaForCausalLM(config)
-    params = dict(model.parameters_and_names())
-    wanted = NP_DTYPES[config.param_dtype]
-    for name, entry in source.entries.items():
-        params[name].set_data(ms.Tensor(entry.read().astype(wanted, copy=False)))
+    assign_weights(model, source)
     return model, config
+
+
+def assign_weights(model, source: Source) -> None:
+    """Set every weight of `model` from the checkpoint's tensor of the same name, cast to the model's dtype
+    and converted to the model's layout."""
+    import mindspore as ms
+    from llama.model import checkpoint_layout
+
+    params = dict(model.parameters_and_names())
+    wanted = NP_DTYPES[model.config.param_dtype]
+    for name, entry in source.entries.items():
+        params[name].set_data(ms.Tensor(checkpoint_layout(name, entry.read().astype(wanted, copy=False))))

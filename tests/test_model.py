@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import mindspore as ms
 
-from llama.checkpoint import load_checkpoint
+from llama.checkpoint import load_checkpoint, params_source
 from llama.config import ModelConfig
 from llama.errors import PipelineError
 from llama.model import LlamaForCausalLM
@@ -47,13 +47,17 @@ def test_mindformers_checkpoint_loads_as_it_is(fixtures, hf_dir, input_ids):
 
 
 def test_parameter_names_and_shapes_are_mindformers(fixtures, hf_dir):
-    model = LlamaForCausalLM(ModelConfig.from_hf_config(hf_dir / "config.json"))
-    ours = {name: tuple(p.shape) for name, p in model.parameters_and_names()}
+    """What a checkpoint holds has MindFormers' names and shapes; in memory only the output projection is
+    transposed."""
+    config = ModelConfig.from_hf_config(hf_dir / "config.json")
+    model = LlamaForCausalLM(config)
     theirs = {}
     for line in (fixtures / "mindformers_tiny_llama" / "param_names.txt").read_text().splitlines():
         name, shape, _ = line.split("\t")
         theirs[name] = tuple(int(d) for d in shape.strip("(,)").split(",") if d.strip())
-    assert ours == theirs
+    assert {name: entry.shape for name, entry in params_source(model, config).entries.items()} == theirs
+    in_memory = {name: tuple(p.shape) for name, p in model.parameters_and_names()}
+    assert in_memory == {name: shape[::-1] if name == "lm_head.weight" else shape for name, shape in theirs.items()}
 
 
 def test_float16_compute_and_bf16_storage(hf_dir, input_ids):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from llama.checkpoint import read_ckpt_index
 from llama.train.trainer import train
 from train_support import tiny_config
 
@@ -60,6 +61,11 @@ def test_sigkill_then_resume_ends_bit_identical(reference, wiki_records, tmp_pat
     final = f"rank_0/step_{STEPS:08d}/weights.ckpt"
     assert (run / final).read_bytes() == (reference / final).read_bytes()
     assert _losses(run) == _losses(reference)
+    # on disk the output projection and its moments have MindFormers' [vocab, hidden], as the embedding does
+    weights, moments = (read_ckpt_index(run / final), read_ckpt_index((run / final).with_name("optimizer.ckpt")))
+    vocab_by_hidden = weights["model.tok_embeddings.embedding_weight"].shape
+    assert vocab_by_hidden[0] > vocab_by_hidden[1]
+    assert weights["lm_head.weight"].shape == moments["adam_m.lm_head.weight"].shape == vocab_by_hidden
 
 
 def test_two_msrun_workers_match_one_process_with_the_same_global_batch(reference, wiki_records, tmp_path):

@@ -7,6 +7,8 @@
                           (kind full/lora/prefix, model config, pet settings, base checkpoint path and sha256)
         manifest.json     size and sha256 of the three files above, written last
 
+Tensors are stored in MindFormers' layout (llama.model.checkpoint_layout), as in every checkpoint written here.
+
 A folder exists only complete (it appears in one rename), and `verify` checks it before anything reads it,
 so a run killed at any moment resumes from the newest folder that verifies.
 """
@@ -40,11 +42,13 @@ def save(run_dir: str | os.PathLike, rank: int, step: int, weights: list, optimi
 
     `weights` and `optimizer` are MindSpore Parameters (saved under their names)."""
     import mindspore as ms
+    from llama.model import checkpoint_layout
 
     final = step_dir(run_dir, rank, step)
     with atomic_dir(final, overwrite=True) as tmp:
-        ms.save_checkpoint(weights, str(tmp / WEIGHTS))
-        ms.save_checkpoint(optimizer, str(tmp / OPTIMIZER))
+        for params, name in ((weights, WEIGHTS), (optimizer, OPTIMIZER)):
+            ms.save_checkpoint([{"name": p.name, "data": checkpoint_layout(p.name, p)} for p in params],
+                               str(tmp / name))
         write_json_atomic(tmp / STATE, {"format": FORMAT, **state})
         write_manifest(tmp, FORMAT)
     for old in list_steps(run_dir, rank)[:-keep_last]:
@@ -94,8 +98,10 @@ def restore(params: list, tensors: dict, what: str) -> None:
     missing = [p.name for p in params if p.name not in tensors]
     if missing:
         raise PipelineError(f"{what} lacks {len(missing)} tensors, e.g. {missing[0]}; it belongs to another run")
+    from llama.model import checkpoint_layout
+
     for param in params:
-        value = tensors[param.name]
+        value = checkpoint_layout(param.name, tensors[param.name])
         if tuple(value.shape) != tuple(param.shape) or value.dtype != param.dtype:
             raise PipelineError(f"{what}: {param.name} is {value.dtype}{list(value.shape)}, "
                                 f"the run expects {param.dtype}{list(param.shape)}")

@@ -215,7 +215,7 @@ def checkpoint_identity(path: str | os.PathLike) -> str:
 def build_network(config: TrainConfig) -> Network:
     """The model (seeded init or loaded weights), wrapped for LoRA or prefix tuning as configured."""
     import mindspore as ms
-    from llama.checkpoint import NP_DTYPES, open_checkpoint
+    from llama.checkpoint import assign_weights, open_checkpoint
     from llama.config import ModelConfig
     from llama.model import LlamaForCausalLM
 
@@ -232,10 +232,7 @@ def build_network(config: TrainConfig) -> Network:
     model = LlamaForCausalLM(model_config)
     base = None
     if source is not None:
-        params = dict(model.parameters_and_names())
-        wanted = NP_DTYPES[model_config.param_dtype]
-        for name, entry in source.entries.items():
-            params[name].set_data(ms.Tensor(entry.read().astype(wanted, copy=False)))
+        assign_weights(model, source)
         base = {"path": str(Path(config.model.checkpoint).resolve()),
                 "sha256": checkpoint_identity(config.model.checkpoint)}
     pet = config.pet
