@@ -708,21 +708,22 @@ def _param_array(param) -> np.ndarray:
 def params_source(model_or_params, config: ModelConfig) -> Source:
     """A Source over an in-memory model (nn.Cell; its tensors are read out in the checkpoint layout) or a
     {name: numpy array or MindSpore tensor} dict that is in the checkpoint layout already."""
+    is_model = hasattr(model_or_params, "parameters_and_names")
+    params = dict(model_or_params.parameters_and_names()) if is_model else model_or_params
     entries = {}
-    if hasattr(model_or_params, "parameters_and_names"):
+    for name, value in params.items():
+        if isinstance(value, np.ndarray):
+            entries[name] = Entry(value.shape, value.dtype, lambda v=value: v)
+        else:
+            entries[name] = Entry(tuple(value.shape), np.dtype(MS_TYPES[str(value.dtype)]),
+                                  lambda v=value: _param_array(v))
+    if is_model:
         from llama.model import checkpoint_layout, transposed_in_model
 
-        for name, param in model_or_params.parameters_and_names():
-            shape = tuple(param.shape)[::-1] if transposed_in_model(name) else tuple(param.shape)
-            entries[name] = Entry(shape, np.dtype(MS_TYPES[str(param.dtype)]),
-                                  lambda n=name, p=param: checkpoint_layout(n, _param_array(p)))
-    else:
-        for name, value in model_or_params.items():
-            if isinstance(value, np.ndarray):
-                entries[name] = Entry(value.shape, value.dtype, lambda v=value: v)
-            else:
-                entries[name] = Entry(tuple(value.shape), np.dtype(MS_TYPES[str(value.dtype)]),
-                                      lambda v=value: _param_array(v))
+        for name, entry in list(entries.items()):
+            if transposed_in_model(name):
+                entries[name] = Entry(entry.shape[::-1], entry.dtype,
+                                      lambda n=name, e=entry: checkpoint_layout(n, e.read()))
     check_tensors(entries, config, "model")
     return Source(Path("<memory>"), "mindspore", {n: entries[n] for n in expected_shapes(config)}, config)
 

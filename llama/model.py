@@ -58,7 +58,8 @@ class Linear(nn.Cell):
 
 
 class OutputProjection(nn.Cell):
-    """logits = x @ weight, weight [hidden, vocab] (see the module docstring for why not [vocab, hidden])."""
+    """logits = x @ weight, weight [hidden, vocab] (see the module docstring for why not [vocab, hidden]).
+    Not a `Linear`: LoRA wraps Linears and relies on their [out, in] weight."""
 
     def __init__(self, hidden_size: int, vocab_size: int, param_dtype, compute_dtype):
         super().__init__()
