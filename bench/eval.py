@@ -1,11 +1,12 @@
 """Benchmark: perplexity evaluation and generation throughput on the tiny config (random weights).
 
-    .venv/bin/python bench/eval.py [--repeats 5] [--rows 64] [--seq-length 128] [--new-tokens 64]
+    .venv/bin/python bench/eval.py [--repeats 7] [--rows 64] [--seq-length 128] [--new-tokens 64]
 
 Times our compiled perplexity forward (`llama.eval.perplexity`, MindFormers convention, rows of seq 128 + 1)
 and KV-cache greedy generation (`llama.generate.generate`, batch 1 and batch 8, 32-token prompts, EOS
-ignored), medians of several runs after one untimed warm-up that compiles. Where torch and transformers are
-installed it does the same work with transformers' LlamaForCausalLM in the same run; otherwise it says so.
+ignored). Where torch and transformers are installed it does the same work with transformers'
+LlamaForCausalLM, interleaved round by round with ours (bench/sidebyside.py), and quotes the median of the
+per-round ratios; otherwise it times ours alone and says so.
 Reference on this machine: MindFormers' own evaluation runs about 3,300 tokens/s at seq 128.
 """
 
@@ -13,44 +14,33 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from sidebyside import Work, compare, report
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = 32
 
 
-def median_rate(work, tokens: int, repeats: int) -> float:
-    """Median tokens/s of `work()` over `repeats` runs after one untimed warm-up."""
-    work()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return tokens / statistics.median(times)
-
-
-def ours(config, rows: np.ndarray, prompts: dict[int, list[list[int]]], new_tokens: int, repeats: int) -> dict:
+def ours(config, rows: np.ndarray, prompts: dict[int, list[list[int]]], new_tokens: int) -> dict[str, Work]:
     from llama.eval.perplexity import TokenNLL, forward_rows, mindformers_perplexity
     from llama.generate import generate
     from llama.model import LlamaForCausalLM
 
     model = LlamaForCausalLM(config)
     nll = TokenNLL(model, forward_rows(rows.shape[1] - 1))
-    rates = {"perplexity": median_rate(lambda: mindformers_perplexity(nll, rows), rows[:, 1:].size, repeats)}
+    works = {"perplexity": (lambda: mindformers_perplexity(nll, rows), rows[:, 1:].size)}
     for batch, ids in prompts.items():
-        rates[f"generate batch {batch}"] = median_rate(
-            lambda ids=ids: generate(model, ids, new_tokens, eos_id=None), batch * new_tokens, repeats)
-    return rates
+        works[f"generate batch {batch}"] = (lambda ids=ids: generate(model, ids, new_tokens, eos_id=None),
+                                            batch * new_tokens)
+    return works
 
 
-def transformers_peer(config, rows: np.ndarray, prompts: dict[int, list[list[int]]], new_tokens: int,
-                      repeats: int) -> dict:
+def transformers_peer(config, rows: np.ndarray, prompts: dict[int, list[list[int]]],
+                      new_tokens: int) -> dict[str, Work]:
     import torch
     import transformers
 
@@ -64,21 +54,19 @@ def transformers_peer(config, rows: np.ndarray, prompts: dict[int, list[list[int
                 logits = model(batch[:, :-1]).logits
                 torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
 
-    rates = {"perplexity": median_rate(perplexity, rows[:, 1:].size, repeats)}
+    works = {"perplexity": (perplexity, rows[:, 1:].size)}
     for batch, ids in prompts.items():
-        tensor = torch.tensor(ids)
-
-        def run(tensor=tensor):
+        def run(tensor=torch.tensor(ids)):
             with torch.no_grad():
                 model.generate(tensor, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
-        rates[f"generate batch {batch}"] = median_rate(run, batch * new_tokens, repeats)
-    return rates
+        works[f"generate batch {batch}"] = (run, batch * new_tokens)
+    return works
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -93,17 +81,14 @@ def main() -> int:
                        for _ in range(batch)] for batch in (1, 8)}
     print(f"tiny config (hidden {config.hidden_size}, {config.num_layers} layers, {config.num_heads} heads, "
           f"vocab {config.vocab_size}), random weights; perplexity: {args.rows} rows of {args.seq_length}; "
-          f"generation: {PROMPT_TOKENS}-token prompts, {args.new_tokens} new tokens; median of {args.repeats}")
-    results = {"ours (MindSpore)": ours(config, rows, prompts, args.new_tokens, args.repeats)}
+          f"generation: {PROMPT_TOKENS}-token prompts, {args.new_tokens} new tokens; {args.repeats} rounds")
+    sides = {"ours (MindSpore)": ours(config, rows, prompts, args.new_tokens)}
     if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
-        results["transformers (PyTorch)"] = transformers_peer(config, rows, prompts, args.new_tokens, args.repeats)
+        sides["transformers (PyTorch)"] = transformers_peer(config, rows, prompts, args.new_tokens)
     else:
         print("note: torch/transformers are not installed here, so no side-by-side peer; "
               "reference: MindFormers' evaluation ~3,300 tokens/s at seq 128 on this machine")
-    for name, rates in results.items():
-        print(f"{name}:")
-        for work, rate in rates.items():
-            print(f"  {work:>18}: {rate:>10,.0f} tokens/s")
+    report(compare(sides, args.repeats))
     return 0
 
 

@@ -1,11 +1,12 @@
 """Benchmark: training tokens/s on the tiny config (hidden 256, 2 layers, 4 heads, vocab 32000, fp32).
 
-    .venv/bin/python bench/train.py [--repeats 5] [--steps 10] [--batch 4] [--seq-length 128]
+    .venv/bin/python bench/train.py [--repeats 7] [--steps 10] [--batch 4] [--seq-length 128]
 
 Times our compiled training step (`llama.train.step.Stepper`: masked loss, loss scaling, clipping, AdamW) on
-random rows of seq 128 + 1, batch 4: `--steps` steps per run after one untimed warm-up step that compiles,
-median over `--repeats` runs. Where torch and transformers are installed it trains transformers'
-LlamaForCausalLM of the same shapes with torch.optim.AdamW in the same run; otherwise it says so.
+random rows of seq 128 + 1, batch 4: `--steps` steps per run after one untimed warm-up run that compiles.
+Where torch and transformers are installed it trains transformers' LlamaForCausalLM of the same shapes with
+torch.optim.AdamW, interleaved run by run with ours (bench/sidebyside.py), and quotes the median of the
+per-round ratios; otherwise it times ours alone and says so.
 Reference on this machine: MindFormers' own train step ~855 tokens/s; a plain MindSpore jit step ~1600.
 """
 
@@ -13,25 +14,22 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
-import time
 
 import numpy as np
 
+from sidebyside import Work, compare, report
 
-def median_rate(step, tokens_per_step: int, steps: int, repeats: int) -> float:
-    """Median tokens/s over `repeats` runs of `steps` steps, after one untimed warm-up step."""
-    step()
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+def steps_work(step, rows: np.ndarray, steps: int) -> dict[str, Work]:
+    """`steps` training steps as one timed run."""
+    def run():
         for _ in range(steps):
             step()
-        rates.append(tokens_per_step * steps / (time.perf_counter() - start))
-    return statistics.median(rates)
+
+    return {"train step": (run, rows[:, 1:].size * steps)}
 
 
-def ours(rows: np.ndarray, steps: int, repeats: int) -> float:
+def ours(rows: np.ndarray, steps: int) -> dict[str, Work]:
     import mindspore as ms
     from llama.config import ModelConfig
     from llama.model import LlamaForCausalLM
@@ -42,10 +40,10 @@ def ours(rows: np.ndarray, steps: int, repeats: int) -> float:
     model = LlamaForCausalLM(ModelConfig.named("tiny"))
     model.set_train(True)
     stepper = Stepper(model, 0, OptimizerSection(learning_rate=1e-4), 1.0, 1, 1)
-    return median_rate(lambda: stepper.step([(rows, rows)], 1e-4, 1.0), rows[:, 1:].size, steps, repeats)
+    return steps_work(lambda: stepper.step([(rows, rows)], 1e-4, 1.0), rows, steps)
 
 
-def transformers_peer(rows: np.ndarray, steps: int, repeats: int) -> float:
+def transformers_peer(rows: np.ndarray, steps: int) -> dict[str, Work]:
     import torch
     import transformers
     from llama.config import ModelConfig
@@ -63,12 +61,12 @@ def transformers_peer(rows: np.ndarray, steps: int, repeats: int) -> float:
         optimizer.step()
         optimizer.zero_grad()
 
-    return median_rate(step, rows[:, 1:].size, steps, repeats)
+    return steps_work(step, rows, steps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-length", type=int, default=128)
@@ -76,12 +74,13 @@ def main() -> None:
     rows = np.random.default_rng(0).integers(3, 32000, size=(args.batch, args.seq_length + 1)).astype(np.int32)
 
     print(f"training, tiny config, batch {args.batch} x seq {args.seq_length}, fp32, "
-          f"median of {args.repeats} x {args.steps} steps")
-    print(f"  llama2-pipeline (MindSpore jit step): {ours(rows, args.steps, args.repeats):8,.0f} tokens/s")
+          f"{args.repeats} rounds of {args.steps} steps")
+    sides = {"ours (MindSpore jit step)": ours(rows, args.steps)}
     if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
-        print(f"  transformers + torch.optim.AdamW:     {transformers_peer(rows, args.steps, args.repeats):8,.0f} tokens/s")
+        sides["transformers + torch.optim.AdamW"] = transformers_peer(rows, args.steps)
     else:
         print("  transformers/torch: not installed here, so no PyTorch run (install torch and transformers to compare)")
+    report(compare(sides, args.repeats))
     print("  reference on this machine: MindFormers' train step ~855 tokens/s, a plain MindSpore jit step ~1,600")
 
 

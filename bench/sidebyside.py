@@ -1,0 +1,52 @@
+"""Side-by-side timing of our code and a peer, interleaved round by round.
+
+The machine's speed drifts (several-fold within minutes on a shared host), so timing all of ours and then all
+of the peer's compares two different machines. Here every round times each workload once per side, in
+alternating order, and the ratio is taken within the round; the report quotes the median of those ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+Work = tuple[Callable[[], object], int]   # (run it once, tokens it processes)
+
+
+def rate(work: Work) -> float:
+    """Tokens/s of one run."""
+    run, tokens = work
+    start = time.perf_counter()
+    run()
+    return tokens / (time.perf_counter() - start)
+
+
+def compare(sides: dict[str, dict[str, Work]], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Rates per workload and side: {workload: {side: [tokens/s per round]}}, after one untimed warm-up run of
+    each (which compiles). Every side must offer the same workloads; round r runs the sides in order when r is
+    even and in reverse when odd, so neither side always runs first."""
+    names = list(sides)
+    workloads = list(sides[names[0]])
+    for side in names:
+        for work in workloads:
+            sides[side][work][0]()
+    rates = {work: {side: [] for side in names} for work in workloads}
+    for round_index in range(repeats):
+        for work in workloads:
+            for side in names if round_index % 2 == 0 else reversed(names):
+                rates[work][side].append(rate(sides[side][work]))
+    return rates
+
+
+def report(rates: dict[str, dict[str, list[float]]]) -> None:
+    """Median tokens/s per side and, with two sides, the median of the per-round ratios first/second."""
+    for work, by_side in rates.items():
+        cells = "   ".join(f"{side} {statistics.median(values):>9,.0f}" for side, values in by_side.items())
+        line = f"  {work:<20} tokens/s: {cells}"
+        if len(by_side) == 2:
+            ours, peer = by_side.values()
+            ratios = [a / b for a, b in zip(ours, peer)]
+            line += (f"   ratio {statistics.median(ratios):.2f}x (rounds: "
+                     + " ".join(f"{r:.2f}" for r in ratios) + ")")
+        print(line)
