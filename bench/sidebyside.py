@@ -3,6 +3,8 @@
 The machine's speed drifts (several-fold within minutes on a shared host), so timing all of ours and then all
 of the peer's compares two different machines. Here every round times each workload once per side, in
 alternating order, and the ratio is taken within the round; the report quotes the median of those ratios.
+Each timed run starts after a short pause, so that worker threads a previous run left spinning (OpenMP's
+and MindSpore's both busy-wait for a while after work) do not slow down the next one.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import time
 from typing import Callable
 
 Work = tuple[Callable[[], object], int]   # (run it once, tokens it processes)
+SETTLE_SECONDS = 0.5
 
 
 def rate(work: Work) -> float:
-    """Tokens/s of one run."""
+    """Tokens/s of one run, started after the pause."""
     run, tokens = work
+    time.sleep(SETTLE_SECONDS)
     start = time.perf_counter()
     run()
     return tokens / (time.perf_counter() - start)

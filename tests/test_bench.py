@@ -1,0 +1,46 @@
+"""The benchmarks' side-by-side harness: what it runs, in which order, and what it reports (no timing asserted)."""
+
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import sidebyside  # noqa: E402
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    monkeypatch.setattr(sidebyside, "SETTLE_SECONDS", 0.0)
+    return []
+
+
+def recording(calls, side, work, tokens=10):
+    return (lambda: calls.append((side, work)), tokens)
+
+
+def test_compare_warms_up_each_run_once_then_alternates_sides_round_by_round(calls):
+    sides = {side: {work: recording(calls, side, work) for work in ("ppl", "gen")} for side in ("ours", "peer")}
+    rates = sidebyside.compare(sides, repeats=3)
+    warm_up, rounds = calls[:4], calls[4:]
+    assert warm_up == [("ours", "ppl"), ("ours", "gen"), ("peer", "ppl"), ("peer", "gen")]
+    assert rounds == [("ours", "ppl"), ("peer", "ppl"), ("ours", "gen"), ("peer", "gen"),     # round 0: in order
+                      ("peer", "ppl"), ("ours", "ppl"), ("peer", "gen"), ("ours", "gen"),     # round 1: reversed
+                      ("ours", "ppl"), ("peer", "ppl"), ("ours", "gen"), ("peer", "gen")]
+    assert list(rates) == ["ppl", "gen"]
+    assert all(len(values) == 3 and min(values) > 0 for by_side in rates.values() for values in by_side.values())
+
+
+def test_report_quotes_the_median_of_per_round_ratios(capsys):
+    sidebyside.report({"gen": {"ours": [100.0, 300.0, 90.0], "peer": [50.0, 100.0, 100.0]}})
+    line = capsys.readouterr().out
+    # per-round ratios 2.00, 3.00, 0.90 have the median 2.00; the median rates (100 and 100) would say 1.00
+    assert "ratio 2.00x (rounds: 2.00 3.00 0.90)" in line
+    assert "ours       100" in line and "peer       100" in line
+
+
+def test_report_without_a_peer_prints_our_rates_only(capsys):
+    sidebyside.report({"ppl": {"ours": [5000.0, 7000.0, 6000.0]}})
+    line = capsys.readouterr().out
+    assert "6,000" in line and "ratio" not in line
