@@ -1,12 +1,11 @@
 """The benchmarks' side-by-side harness: what it runs, in which order, and what it reports (no timing asserted)."""
 
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import sidebyside  # noqa: E402
 
 
