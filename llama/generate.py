@@ -71,7 +71,7 @@ class DecodeStep(nn.Cell):
         positions = ops.clamp(query_slots.reshape(1, seq) - pads.reshape(batch, 1), 0, self.last_position)
         key_slots = ops.arange(length, dtype=ms.int32).reshape(1, 1, length)
         allowed = ops.logical_and(key_slots <= query_slots.reshape(1, seq, 1), key_slots >= pads.reshape(batch, 1, 1))
-        mask = ((1.0 - allowed.astype(ms.float32)) * NEG_INF).reshape(batch, 1, seq, length)
+        mask = ops.where(allowed, 0.0, NEG_INF).reshape(batch, 1, seq, length)
         shape = (batch, kv_heads, seq, 1)
         cache_index = ops.concat([
             ops.broadcast_to(ops.arange(batch, dtype=ms.int32).reshape(batch, 1, 1, 1), shape),
@@ -86,6 +86,7 @@ class GreedyChunk(nn.Cell):
     def __init__(self, step: DecodeStep, steps: int):
         super().__init__(auto_prefix=False)
         self.step, self.steps = step, steps
+        self.argmax = ops.ArgMaxWithValue(axis=-1)   # first maximum, as argmax, in half its time on CPU
 
     def construct(self, input_ids, first_slot, pads, kv_caches):
         """input_ids int32 [B, 1], the last chosen tokens, go to slot first_slot; returns the next `steps`
@@ -93,7 +94,7 @@ class GreedyChunk(nn.Cell):
         chosen = ()
         for offset in range(self.steps):
             logits, kv_caches = self.step(input_ids, first_slot + offset, pads, kv_caches)
-            input_ids = logits.argmax(-1).astype(ms.int32).reshape(-1, 1)
+            input_ids = self.argmax(logits)[0].astype(ms.int32).reshape(-1, 1)
             chosen += (input_ids,)
         return ops.concat(chosen, 1), kv_caches
 

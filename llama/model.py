@@ -117,27 +117,30 @@ class RMSNorm(nn.Cell):
 
 
 def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [max_positions, D] for the rotate-half layout: frequencies repeated over both halves."""
+    """cos and signed sin [max_positions, D] for the rotate-half layout: frequencies repeated over both halves,
+    and sin negated on the first half, so that rotate_half(x) * sin == swap_halves(x) * signed_sin."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
     angles = np.outer(np.arange(max_positions, dtype=np.float32), inv_freq)
     angles = np.concatenate([angles, angles], axis=-1)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    sign = np.concatenate([-np.ones(head_dim // 2), np.ones(head_dim // 2)]).astype(np.float32)
+    return np.cos(angles).astype(np.float32), sign * np.sin(angles).astype(np.float32)
 
 
-def rotate_half_matrix(head_dim: int) -> np.ndarray:
-    """R [D, D] with x @ R = rotate_half(x) = concat(-x[D/2:], x[:D/2]): one matmul instead of slices, a
-    negation and a concat (fewer, larger kernels; exact, as every product is by 0 or +-1)."""
-    half = head_dim // 2
-    matrix = np.zeros((head_dim, head_dim), np.float32)
-    matrix[half:, :half] = -np.eye(half)
-    matrix[:half, half:] = np.eye(half)
-    return matrix
+SWAP = Tensor(np.array([1, 0], np.int32))
 
 
-def apply_rotary(x, cos, sin, rotate_half):
-    """x [B, heads, S, D] rotated by position: x*cos + rotate_half(x)*sin, cos/sin [B, 1, S, D]."""
-    rotated = ops.matmul(x.reshape(-1, x.shape[-1]), rotate_half).reshape(x.shape)
-    return x * cos + rotated * sin
+def swap_halves(x):
+    """[..., D] -> concat(x[D/2:], x[:D/2]) as one gather of contiguous half rows: slices and a concat would
+    be three kernels, and a matmul by the permutation costs about four times as much for a decoding step."""
+    half = x.shape[-1] // 2
+    return ops.gather(x.reshape(x.shape[:-1] + (2, half)), SWAP, x.ndim - 1).reshape(x.shape)
+
+
+def apply_rotary(x, cos, signed_sin):
+    """x [B, heads, S, D] rotated by position: x*cos + rotate_half(x)*sin, with rotate_half(x) =
+    concat(-x[D/2:], x[:D/2]) computed as swap_halves(x) times the sign folded into signed_sin.
+    cos/signed_sin [B, 1, S, D] (see rotary_tables)."""
+    return x * cos + swap_halves(x) * signed_sin
 
 
 class Attention(nn.Cell):
@@ -154,7 +157,6 @@ class Attention(nn.Cell):
         self.wo = Linear(hidden, hidden, param_dtype, compute_dtype)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)   # q @ k.T without materialising k.T
-        self.rotate_half = Tensor(rotate_half_matrix(self.head_dim), compute_dtype)
 
     def _heads(self, x, heads):
         batch, seq, _ = x.shape
@@ -169,13 +171,13 @@ class Attention(nn.Cell):
         x = ops.broadcast_to(x.reshape(batch, kv_heads, 1, length, dim), (batch, kv_heads, groups, length, dim))
         return x.reshape(batch, kv_heads * groups, length, dim)
 
-    def construct(self, x, cos, sin, mask, kv_cache=None, cache_index=None, prefix_kv=None):
+    def construct(self, x, cos, signed_sin, mask, kv_cache=None, cache_index=None, prefix_kv=None):
         """x [B, S, E]; mask additive float32 [B or 1, 1, S, L]; kv_cache (k, v) [B, K, cache_len, D] with
         cache_index int32 [B, K, S, 3], the (batch, kv head, slot) where each of the S new keys goes.
         Returns the output [B, S, E] and the updated cache (or None)."""
         batch, seq, _ = x.shape
-        q = apply_rotary(self._heads(self.wq(x), self.num_heads), cos, sin, self.rotate_half)
-        k = apply_rotary(self._heads(self.wk(x), self.num_kv_heads), cos, sin, self.rotate_half)
+        q = apply_rotary(self._heads(self.wq(x), self.num_heads), cos, signed_sin)
+        k = apply_rotary(self._heads(self.wk(x), self.num_kv_heads), cos, signed_sin)
         v = self._heads(self.wv(x), self.num_kv_heads)
         new_cache = None
         if kv_cache is not None:
@@ -214,8 +216,9 @@ class DecoderLayer(nn.Cell):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype, compute_dtype)
         self.feed_forward = FeedForward(config, param_dtype, compute_dtype)
 
-    def construct(self, x, cos, sin, mask, kv_cache=None, cache_index=None, prefix_kv=None):
-        attended, new_cache = self.attention(self.attention_norm(x), cos, sin, mask, kv_cache, cache_index, prefix_kv)
+    def construct(self, x, cos, signed_sin, mask, kv_cache=None, cache_index=None, prefix_kv=None):
+        attended, new_cache = self.attention(self.attention_norm(x), cos, signed_sin, mask, kv_cache, cache_index,
+                                             prefix_kv)
         h = x + attended
         return h + self.feed_forward(self.ffn_norm(h)), new_cache
 
@@ -230,19 +233,19 @@ class LlamaModel(nn.Cell):
         self.layers = nn.CellList([DecoderLayer(config, param_dtype, compute_dtype)
                                    for _ in range(config.num_layers)])
         self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype, compute_dtype)
-        cos, sin = rotary_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
-        self.cos, self.sin = Tensor(cos), Tensor(sin)
+        cos, signed_sin = rotary_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.cos, self.signed_sin = Tensor(cos), Tensor(signed_sin)
 
     def construct(self, input_ids, positions, mask, kv_caches=None, cache_index=None, prefix_key_values=None):
         """positions int32 [B or 1, S] index the rotary tables; returns hidden [B, S, E] and new caches."""
         h = self.tok_embeddings(input_ids)
         cos = ops.gather(self.cos, positions, 0).astype(self.compute_dtype).expand_dims(1)   # [B, 1, S, D]
-        sin = ops.gather(self.sin, positions, 0).astype(self.compute_dtype).expand_dims(1)
+        signed_sin = ops.gather(self.signed_sin, positions, 0).astype(self.compute_dtype).expand_dims(1)
         new_caches = ()
         for i, layer in enumerate(self.layers):
             kv_cache = None if kv_caches is None else kv_caches[i]
             prefix_kv = None if prefix_key_values is None else prefix_key_values[i]
-            h, cache = layer(h, cos, sin, mask, kv_cache, cache_index, prefix_kv)
+            h, cache = layer(h, cos, signed_sin, mask, kv_cache, cache_index, prefix_kv)
             new_caches += (cache,)
         return self.norm_out(h), new_caches
 
@@ -290,4 +293,7 @@ class LlamaForCausalLM(nn.Cell):
         mask [B, 1, S, L] additive float32, cache_index int32 [B, K, S, 3] (see Attention).
         Returns float32 logits of the last position [B, V] and the updated caches."""
         hidden, new_caches = self.model(input_ids, positions, mask, kv_caches, cache_index, prefix_key_values)
-        return self.logits(hidden[:, -1]), new_caches
+        batch, seq, _ = hidden.shape
+        # a decode step's single position by a reshape, which costs no kernel (a slice is one per step)
+        last = hidden.reshape(batch, -1) if seq == 1 else hidden[:, -1]
+        return self.logits(last), new_caches
