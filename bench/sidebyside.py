@@ -5,6 +5,11 @@ of the peer's compares two different machines. Here every round times each workl
 alternating order, and the ratio is taken within the round; the report quotes the median of those ratios.
 Each timed run starts after a short pause, so that worker threads a previous run left spinning (OpenMP's
 and MindSpore's both busy-wait for a while after work) do not slow down the next one.
+
+Both sides first run every workload WARM_UP_RUNS times untimed: the first compiles, and MindSpore's next few
+runs of a compiled graph are still slower than its steady state (a perplexity forward of the tiny model took
+955 ms on its third execution and about 750 ms from its sixth on, while PyTorch's is steady after one run).
+A real evaluation runs hundreds of forwards, so the steady state is what it sees.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Callable
 
 Work = tuple[Callable[[], object], int]   # (run it once, tokens it processes)
 SETTLE_SECONDS = 0.5
+WARM_UP_RUNS = 3
 
 
 def rate(work: Work) -> float:
@@ -27,14 +33,15 @@ def rate(work: Work) -> float:
 
 
 def compare(sides: dict[str, dict[str, Work]], repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Rates per workload and side: {workload: {side: [tokens/s per round]}}, after one untimed warm-up run of
-    each (which compiles). Every side must offer the same workloads; round r runs the sides in order when r is
-    even and in reverse when odd, so neither side always runs first."""
+    """Rates per workload and side: {workload: {side: [tokens/s per round]}}, after WARM_UP_RUNS untimed runs
+    of each. Every side must offer the same workloads; round r runs the sides in order when r is even and in
+    reverse when odd, so neither side always runs first."""
     names = list(sides)
     workloads = list(sides[names[0]])
     for side in names:
         for work in workloads:
-            sides[side][work][0]()
+            for _ in range(WARM_UP_RUNS):
+                sides[side][work][0]()
     rates = {work: {side: [] for side in names} for work in workloads}
     for round_index in range(repeats):
         for work in workloads:

@@ -3,7 +3,7 @@
     .venv/bin/python bench/train.py [--repeats 7] [--steps 10] [--batch 4] [--seq-length 128]
 
 Times our compiled training step (`llama.train.step.Stepper`: masked loss, loss scaling, clipping, AdamW) on
-random rows of seq 128 + 1, batch 4: `--steps` steps per run after one untimed warm-up run that compiles.
+random rows of seq 128 + 1, batch 4: `--steps` steps per run, after untimed warm-up runs (the first compiles).
 Where torch and transformers are installed it trains transformers' LlamaForCausalLM of the same shapes with
 torch.optim.AdamW, interleaved run by run with ours (bench/sidebyside.py), and quotes the median of the
 per-round ratios; otherwise it times ours alone and says so.

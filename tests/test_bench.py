@@ -19,11 +19,13 @@ def recording(calls, side, work, tokens=10):
     return (lambda: calls.append((side, work)), tokens)
 
 
-def test_compare_warms_up_each_run_once_then_alternates_sides_round_by_round(calls):
+def test_compare_warms_up_each_run_then_alternates_sides_round_by_round(calls, monkeypatch):
+    monkeypatch.setattr(sidebyside, "WARM_UP_RUNS", 2)
     sides = {side: {work: recording(calls, side, work) for work in ("ppl", "gen")} for side in ("ours", "peer")}
     rates = sidebyside.compare(sides, repeats=3)
-    warm_up, rounds = calls[:4], calls[4:]
-    assert warm_up == [("ours", "ppl"), ("ours", "gen"), ("peer", "ppl"), ("peer", "gen")]
+    warm_up, rounds = calls[:8], calls[8:]
+    assert warm_up == [("ours", "ppl"), ("ours", "ppl"), ("ours", "gen"), ("ours", "gen"),
+                       ("peer", "ppl"), ("peer", "ppl"), ("peer", "gen"), ("peer", "gen")]
     assert rounds == [("ours", "ppl"), ("peer", "ppl"), ("ours", "gen"), ("peer", "gen"),     # round 0: in order
                       ("peer", "ppl"), ("ours", "ppl"), ("peer", "gen"), ("ours", "gen"),     # round 1: reversed
                       ("ours", "ppl"), ("peer", "ppl"), ("ours", "gen"), ("peer", "gen")]
