@@ -126,14 +126,14 @@ def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[np.n
     return np.cos(angles).astype(np.float32), sign * np.sin(angles).astype(np.float32)
 
 
-SWAP = Tensor(np.array([1, 0], np.int32))
+HALVES_SWAPPED = Tensor(np.array([1, 0], np.int32))   # gather order of a head's two halves
 
 
 def swap_halves(x):
     """[..., D] -> concat(x[D/2:], x[:D/2]) as one gather of contiguous half rows: slices and a concat would
     be three kernels, and a matmul by the permutation costs about four times as much for a decoding step."""
     half = x.shape[-1] // 2
-    return ops.gather(x.reshape(x.shape[:-1] + (2, half)), SWAP, x.ndim - 1).reshape(x.shape)
+    return ops.gather(x.reshape(x.shape[:-1] + (2, half)), HALVES_SWAPPED, x.ndim - 1).reshape(x.shape)
 
 
 def apply_rotary(x, cos, signed_sin):

@@ -7,7 +7,7 @@ import mindspore as ms
 from llama.checkpoint import load_checkpoint, params_source
 from llama.config import ModelConfig
 from llama.errors import PipelineError
-from llama.model import LlamaForCausalLM
+from llama.model import LlamaForCausalLM, apply_rotary, rotary_tables
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,20 @@ def test_logits_match_transformers(hf_model, hf_dir, input_ids):
     logits = model(input_ids).asnumpy()
     assert logits.shape == (2, 24, 512)
     np.testing.assert_allclose(logits, np.load(hf_dir / "logits.npy"), atol=1e-4, rtol=0)
+
+
+def test_rotary_is_hugging_faces_rotate_half_formula():
+    """apply_rotary's swap-and-signed-sin form equals x*cos + rotate_half(x)*sin, rotate_half(x) = (-x2, x1)."""
+    rng = np.random.default_rng(0)
+    head_dim, positions = 8, np.array([[0, 3, 7, 2, 11]])
+    x = rng.standard_normal((2, 3, 5, head_dim)).astype(np.float32)
+    angles = positions[0][:, None] / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)
+    cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
+    expected = x * cos + np.concatenate([-x[..., head_dim // 2:], x[..., :head_dim // 2]], -1) * sin
+    cos_table, signed_sin_table = rotary_tables(head_dim, 16, 10000.0)
+    got = ms.jit(apply_rotary)(ms.Tensor(x), ms.Tensor(cos_table[positions][:, None]),
+                               ms.Tensor(signed_sin_table[positions][:, None]))
+    np.testing.assert_allclose(got.asnumpy(), expected, atol=1e-6)
 
 
 def test_compiled_forward_matches_pynative(hf_model, input_ids):
