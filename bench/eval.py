@@ -13,13 +13,12 @@ Reference on this machine: MindFormers' own evaluation runs about 3,300 tokens/s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from sidebyside import Work, compare, report
+from sidebyside import Work, compare, peer_installed, report
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = 32
@@ -83,7 +82,7 @@ def main() -> int:
           f"vocab {config.vocab_size}), random weights; perplexity: {args.rows} rows of {args.seq_length}; "
           f"generation: {PROMPT_TOKENS}-token prompts, {args.new_tokens} new tokens; {args.repeats} rounds")
     sides = {"ours (MindSpore)": ours(config, rows, prompts, args.new_tokens)}
-    if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
+    if peer_installed():
         sides["transformers (PyTorch)"] = transformers_peer(config, rows, prompts, args.new_tokens)
     else:
         print("note: torch/transformers are not installed here, so no side-by-side peer; "

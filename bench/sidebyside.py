@@ -14,6 +14,7 @@ A real evaluation runs hundreds of forwards, so the steady state is what it sees
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 from typing import Callable
@@ -21,6 +22,11 @@ from typing import Callable
 Work = tuple[Callable[[], object], int]   # (run it once, tokens it processes)
 SETTLE_SECONDS = 0.5
 WARM_UP_RUNS = 3
+
+
+def peer_installed() -> bool:
+    """Whether the PyTorch peer (torch and transformers) can run in this environment."""
+    return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
 
 
 def rate(work: Work) -> float:

@@ -13,11 +13,10 @@ Reference on this machine: MindFormers' own train step ~855 tokens/s; a plain Mi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 import numpy as np
 
-from sidebyside import Work, compare, report
+from sidebyside import Work, compare, peer_installed, report
 
 
 def steps_work(step, rows: np.ndarray, steps: int) -> dict[str, Work]:
@@ -76,7 +75,7 @@ def main() -> None:
     print(f"training, tiny config, batch {args.batch} x seq {args.seq_length}, fp32, "
           f"{args.repeats} rounds of {args.steps} steps")
     sides = {"ours (MindSpore jit step)": ours(rows, args.steps)}
-    if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
+    if peer_installed():
         sides["transformers + torch.optim.AdamW"] = transformers_peer(rows, args.steps)
     else:
         print("  transformers/torch: not installed here, so no PyTorch run (install torch and transformers to compare)")
