@@ -58,6 +58,16 @@ def shared_fixtures() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1) named by LLAMA2_PIPELINE_SMOLLM2_GGUF, or skip.
+    `make test` downloads it (a checksummed source) and sets the variable."""
+    path = Path(os.environ.get("LLAMA2_PIPELINE_SMOLLM2_GGUF", "/nonexistent"))
+    if not path.is_file():
+        pytest.skip("SmolLM2-135M-Instruct GGUF not available (LLAMA2_PIPELINE_SMOLLM2_GGUF)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def llama2_tokenizer(shared_data) -> Path:
     return shared_data / "llama2_tokenizer" / "tokenizer.model"
 
