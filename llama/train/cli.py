@@ -15,6 +15,25 @@ def _train(args) -> dict:
     return train(config, args.output_dir, resume=args.resume)
 
 
+def _plan(args) -> dict:
+    from llama.train.config import load_train_config
+    from llama.errors import PipelineError
+    from llama.train.plan import device_memory, model_config_of, parse_size, plan_memory, seq_length_of
+
+    config = load_train_config(args.config, args.overrides)
+    model = model_config_of(config)
+    if model is None:
+        raise PipelineError("plan: the recipe names no model config and its checkpoint carries none; "
+                            "set model.config")
+    memory = parse_size(args.device_memory) if args.device_memory else device_memory()
+    plan = plan_memory(config, args.seq_length or seq_length_of(config, model), model, recompute=args.recompute)
+    fits = plan.fits(memory)
+    result = {**plan.rows(), "device_memory_gib": round(memory / (1 << 30), 2), "fits": fits}
+    if not fits:
+        result["biggest_term"] = plan.biggest_term()
+    return result
+
+
 def _merge(args) -> dict:
     from llama.train.merge import merge
 
@@ -30,6 +49,16 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. data.train=out/wiki training.max_steps=50")
+
+    parser = add_command(subparsers, "plan", _plan,
+                         help="per-device memory of a training recipe (weights, gradients, optimizer, activations) "
+                              "and whether it fits")
+    parser.add_argument("--config", required=True, type=Path, help="a training recipe, e.g. configs/train/lora_llama2_7b.yaml")
+    parser.add_argument("--device-memory", help="memory of one device, e.g. 64GiB (default: this machine's RAM)")
+    parser.add_argument("--seq-length", type=int,
+                        help="tokens per row (default: the rows of data.train, else the model's context)")
+    parser.add_argument("--recompute", action="store_true", help="count activations as with full recomputation")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.batch_size=1")
 
     parser = add_command(subparsers, "merge", _merge,
                          help="merge a run's rank checkpoints (and LoRA adapters) into one full checkpoint")

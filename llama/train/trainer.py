@@ -26,6 +26,7 @@ from llama.fileio import pipeline_manifest_files, read_json, sha256_bytes, sha25
 from llama.progress import Progress
 from llama.train import checkpointing
 from llama.train.config import TrainConfig, as_train_config
+from llama.train.plan import check_fits
 
 CONFIG_FILE, METRICS_FILE, RESULT_FILE = "train_config.json", "metrics.jsonl", "result.json"
 # Settings a resumed run may change: how long it runs and how it checkpoints and logs.
@@ -45,6 +46,7 @@ def train(config: TrainConfig | dict, output_dir: str | os.PathLike, resume: boo
     config = as_train_config(config)
     config.require_inputs()
     config.check_runnable_on_cpu()
+    check_fits(config)
     if config.parallel.data_parallel > 1 and not launched_by_msrun():
         from llama.train.launch import run_data_parallel
         return run_data_parallel(config, output_dir, resume, on_step)
