@@ -34,8 +34,14 @@ COPY = ("import shutil, sys, pathlib; out = pathlib.Path(sys.argv[2]); out.mkdir
 BASELINE = "import llama.checkpoint, llama.cli"
 
 
-def make_checkpoint(folder: Path, config: ModelConfig) -> None:
-    """Random bf16 weights in the HF layout, as two shards with an index."""
+def random_bf16(rng, shape) -> np.ndarray:
+    """Positive finite bf16 bit patterns (no NaN/inf), so a copy is checkable value by value."""
+    return rng.integers(0x3000, 0x3F80, size=shape, dtype=np.uint16).view(ml_dtypes.bfloat16)
+
+
+def make_checkpoint(folder: Path, config: ModelConfig, tensor=random_bf16) -> None:
+    """Random weights (`tensor(rng, shape)`) in the HF layout, as two shards with an index, laid out as
+    Meta's release is (model-0000k-of-00002.safetensors + model.safetensors.index.json + config.json)."""
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True)
@@ -46,10 +52,7 @@ def make_checkpoint(folder: Path, config: ModelConfig) -> None:
               "model-00002-of-00002.safetensors": names[len(names) // 2:]}
     weight_map = {}
     for file, part in halves.items():
-        # positive finite bf16 bit patterns (no NaN/inf), so the copy is checkable value by value
-        tensors = {name: rng.integers(0x3000, 0x3F80, size=shapes[name], dtype=np.uint16).view(ml_dtypes.bfloat16)
-                   for name in part}
-        save_file(tensors, folder / file, metadata={"format": "pt"})
+        save_file({name: tensor(rng, shapes[name]) for name in part}, folder / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, file))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps(config.to_hf_config()))

@@ -111,6 +111,20 @@ def _error_of(capsys, argv) -> str:
     return err
 
 
+def test_verify_command_checks_a_checkpoint_folder(hf_dir, tmp_path, capsys):
+    out = tmp_path / "ms"
+    assert run(["convert", "--input", str(hf_dir), "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert run(["verify", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["verified"] and result["format"] == "llama2-pipeline checkpoint 1" and result["files"] >= 2
+    data = bytearray((out / "model.ckpt").read_bytes())
+    data[100] ^= 0x01
+    (out / "model.ckpt").write_bytes(bytes(data))
+    assert "model.ckpt" in _error_of(capsys, ["verify", str(out)])
+    assert "no manifest.json" in _error_of(capsys, ["verify", str(hf_dir)])
+
+
 def test_truncated_safetensors_is_one_clear_error(hf_dir, tmp_path, capsys):
     shutil.copytree(hf_dir, tmp_path / "hf")
     weights = tmp_path / "hf" / "model.safetensors"
