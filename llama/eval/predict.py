@@ -46,38 +46,55 @@ def continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
     return full[len(head):] if full.startswith(head) else tokenizer.decode(new_ids)
 
 
+class Predictor:
+    """A model and its tokenizer loaded once, completing prompts on each call (the `predict` command, and the
+    MLflow model the pipeline registers, whose `predict` is this)."""
+
+    def __init__(self, checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+                 dtype: str | None = None, model_config: str | None = None):
+        self.model, _ = load_model(checkpoint, dtype, model_config)
+        self.tokenizer = load_tokenizer(checkpoint, tokenizer)
+
+    def complete(self, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, batch_size: int = 8, ignore_eos: bool = False) -> list[dict]:
+        """One dict per prompt: prompt, completion, text, new_tokens, finished (stopped at EOS).
+        Batch b samples with seed `seed + b * batch_size`, so a run is reproducible for the same batch size."""
+        from llama.generate import generate
+
+        if not prompts:
+            raise PipelineError("no prompts given")
+        if batch_size < 1:
+            raise PipelineError(f"batch size must be at least 1, got {batch_size}")
+        tok, completions = self.tokenizer, []
+        for first in range(0, len(prompts), batch_size):
+            batch = prompts[first:first + batch_size]
+            encoded = [tok.encode(text, bos=True) for text in batch]
+            outputs = generate(self.model, encoded, max_new_tokens, temperature, top_k, top_p, seed + first,
+                               None if ignore_eos else tok.eos_id, tok.pad_id)
+            for text, prompt_ids, ids in zip(batch, encoded, outputs):
+                finished = bool(ids) and ids[-1] == tok.eos_id and not ignore_eos
+                completion = continuation(tok, prompt_ids, ids[:-1] if finished else ids)
+                completions.append({"prompt": text, "completion": completion, "text": text + completion,
+                                    "new_tokens": len(ids), "finished": finished})
+        return completions
+
+
 def predict(checkpoint: str | os.PathLike, prompts: list[str], *, max_new_tokens: int = 64,
             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
             ignore_eos: bool = False, tokenizer: str | os.PathLike | None = None, dtype: str | None = None,
             model_config: str | None = None,
             output: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
-    """Complete every prompt; returns `completions` (dicts) and throughput, and writes `output` if given.
-
-    Batch b samples with seed `seed + b * batch_size`, so a run is reproducible for the same batch size.
-    """
-    from llama.generate import generate
-
+    """Complete every prompt; returns `completions` (dicts) and throughput, and writes `output` if given."""
     if not prompts:
         raise PipelineError("no prompts given")
-    if batch_size < 1:
-        raise PipelineError(f"batch size must be at least 1, got {batch_size}")
     if output is not None:
         check_output_free(output, overwrite)
-    model, _ = load_model(checkpoint, dtype, model_config)
-    tok = load_tokenizer(checkpoint, tokenizer)
-    completions, new_tokens, start = [], 0, time.monotonic()
-    for first in range(0, len(prompts), batch_size):
-        batch = prompts[first:first + batch_size]
-        encoded = [tok.encode(text, bos=True) for text in batch]
-        outputs = generate(model, encoded, max_new_tokens, temperature, top_k, top_p, seed + first,
-                           None if ignore_eos else tok.eos_id, tok.pad_id)
-        for text, prompt_ids, ids in zip(batch, encoded, outputs):
-            finished = bool(ids) and ids[-1] == tok.eos_id and not ignore_eos
-            completion = continuation(tok, prompt_ids, ids[:-1] if finished else ids)
-            completions.append({"prompt": text, "completion": completion, "text": text + completion,
-                                "new_tokens": len(ids), "finished": finished})
-            new_tokens += len(ids)
+    predictor = Predictor(checkpoint, tokenizer, dtype, model_config)
+    start = time.monotonic()
+    completions = predictor.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, seed=seed, batch_size=batch_size, ignore_eos=ignore_eos)
     seconds = time.monotonic() - start
+    new_tokens = sum(c["new_tokens"] for c in completions)
     if output is not None:
         with atomic_path(output) as tmp:
             tmp.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in completions), encoding="utf-8")
