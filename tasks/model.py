@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 
-from mlflow.exceptions import MlflowException
 from prefect import task
 
+import llama
 from llama.checkpoint import open_checkpoint, verify_folder, write_checkpoint
 from llama.config import ModelConfig
 from tasks.cache import CachedStage, verified_by
-from tasks.tracking import Run
+from tasks.tracking import tracking_uri
 
 
 CONVERT = CachedStage("convert", code=__name__, file_params=("source", "tokenizer", "model_config"),
@@ -29,22 +30,40 @@ def convert(source: str, work_dir: str, fmt: str = "ckpt", dtype: str | None = N
 
 
 REGISTER = CachedStage("register", code=__name__, file_params=("checkpoint",), ignore=("run_id", "tags"))
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+LIBRARY = Path(llama.__file__).parent
+# What a registered model needs to run, pinned to the versions it was logged with.
+RUNTIME_PACKAGES = ("mindspore", "numpy", "sentencepiece", "tokenizers", "safetensors", "ml_dtypes", "pyyaml",
+                    "pyarrow", "pandas", "mlflow")
 
 
 @task(name="register", cache_key_fn=REGISTER.cache_key_fn, persist_result=True, task_run_name="register-{name}")
 def register(checkpoint: str, name: str, metrics: dict, run_id: str, tags: dict | None = None) -> dict:
-    """Log the checkpoint folder to the MLflow run and register it as a new version of model `name`.
+    """Log the checkpoint as an MLflow pyfunc model (MLmodel, signature, the checkpoint and the `llama` code
+    as artifacts, our generation as `predict`) to the MLflow run, register it as a new version of model
+    `name`, and attach the evaluation metrics to the logged model.
 
     Cached on the checkpoint's content and its metrics, so an unchanged rerun adds no duplicate version.
     """
-    run = Run(run_id)
-    run.log_artifacts(sorted(Path(checkpoint).iterdir()), "model")
-    try:
-        run.client.create_registered_model(name)
-    except MlflowException:
-        pass  # already registered: add a version
-    version = run.client.create_model_version(
-        name=name, source=f"runs:/{run_id}/model", run_id=run_id,
-        tags={**{k: str(v) for k, v in (tags or {}).items()}, **{f"metric.{k}": str(v) for k, v in metrics.items()}},
-        description="A merged checkpoint folder (weights, model config, tokenizer, manifest of checksums).")
-    return {"model_name": name, "version": version.version, "run_id": run_id}
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from tasks.mlflow_model import GENERATION_PARAMS
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec(key, "long" if isinstance(value, int) else "double", value)
+                            for key, value in GENERATION_PARAMS.items()]))
+    mlflow.set_tracking_uri(tracking_uri())
+    with mlflow.start_run(run_id=run_id):
+        logged = mlflow.pyfunc.log_model(
+            name="model", python_model=str(MODEL_CODE), artifacts={"checkpoint": checkpoint},
+            code_paths=[str(LIBRARY)], signature=signature, registered_model_name=name,
+            pip_requirements=[f"{package}=={version(package)}" for package in RUNTIME_PACKAGES],
+            tags={k: str(v) for k, v in (tags or {}).items()})
+        numeric = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        mlflow.log_metrics(numeric, model_id=logged.model_id)
+    return {"model_name": name, "version": int(logged.registered_model_version), "run_id": run_id,
+            "model_uri": f"models:/{name}/{logged.registered_model_version}", "model_id": logged.model_id}

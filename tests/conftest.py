@@ -34,6 +34,16 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_HOME, ignore_errors=True)
 
 
+@pytest.fixture
+def processes(tmp_path):
+    """Start real servers for a test (tests/servers.py); all are stopped when it ends."""
+    from servers import Processes
+
+    running = Processes(tmp_path)
+    yield running
+    running.stop()
+
+
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
     return FIXTURES
