@@ -22,11 +22,16 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/llama2-pipeline demo
 
+# The real SmolLM2-135M-Instruct GGUF (a checksummed source, cached in work/cache) for the tests that compare
+# with transformers on a real model; they skip when it cannot be fetched.
+REAL_MODEL = $$($(BIN)/llama2-pipeline download smollm2_135m_instruct --json 2>/dev/null | tail -1 | \
+	$(BIN)/python -c "import json, os, sys; print(os.path.abspath(json.load(sys.stdin)['smollm2_135m_instruct']))" 2>/dev/null)
+
 test: venv
-	$(BIN)/python tests/run_suite.py
+	LLAMA2_PIPELINE_SMOLLM2_GGUF="$(REAL_MODEL)" $(BIN)/python tests/run_suite.py
 
 test-fast: venv
-	$(BIN)/python tests/run_suite.py -m "not slow"
+	LLAMA2_PIPELINE_SMOLLM2_GGUF="$(REAL_MODEL)" $(BIN)/python tests/run_suite.py -m "not slow"
 
 # every script in bench/ but the side-by-side helper they import
 bench: venv
