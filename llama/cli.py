@@ -6,6 +6,7 @@ heavy imports (MindSpore) inside those functions so `--help` stays instant.
 
 Results print as `key: value` lines, or with `--json` as one JSON object on the last line of stdout.
 A `PipelineError` prints as a one-line `error: ...` with exit status 1; `--debug` shows the traceback.
+MindSpore's own warnings (glog and its Python logger) are hidden unless `--debug` or GLOG_v says otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from typing import Callable, Iterable, Sequence
 
@@ -28,7 +30,9 @@ LIBRARY_COMMANDS = (
 
 COMMON = argparse.ArgumentParser(add_help=False)
 COMMON.add_argument("--json", action="store_true", help="print the results as one JSON object (last line)")
-COMMON.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+COMMON.add_argument("--debug", action="store_true",
+                    help="show tracebacks instead of one-line errors, and MindSpore's warnings")
+MINDSPORE_ERRORS_ONLY = "3"  # GLOG_v level: MindSpore's warnings (about its own graph passes, memory) are noise
 
 
 def add_command(subparsers, name: str, func: Callable[[argparse.Namespace], dict], help: str, **kwargs):
@@ -59,6 +63,8 @@ def _print_human(result: dict) -> None:
 def run(argv: Sequence[str] | None = None, command_modules: Iterable[str] = LIBRARY_COMMANDS) -> int:
     parser = build_parser(command_modules)
     args = parser.parse_args(argv)
+    if not args.debug:
+        os.environ.setdefault("GLOG_v", MINDSPORE_ERRORS_ONLY)  # read when MindSpore is first imported
     try:
         result = args.func(args) or {}
     except PipelineError as err:

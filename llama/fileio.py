@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -102,6 +104,55 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_partials(folder: str | os.PathLike, prefix: str = ".") -> list[Path]:
+    """Delete what `atomic_path`/`atomic_dir` leave beside an output when a process is killed mid-write
+    (`.<name>.*.partial`, `.<name>.*.old`) directly in `folder`, for names starting with `prefix`; return them.
+
+    Call it only while holding the folder's `exclusive_lock`: another writer's temporaries look the same.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    leftovers = [path for path in folder.iterdir()
+                 if path.name.startswith(prefix) and path.name.endswith((".partial", ".old"))]
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return leftovers
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str, wait: bool) -> Iterator[None]:
+    """Hold an exclusive `flock` on the file `path` (created if need be) for the block: one writer at a time.
+
+    The lock dies with its process, so a killed run never leaves it behind. When another process holds it,
+    `wait=True` waits (saying so on stderr) and `wait=False` raises a one-line error naming the holder's pid.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            if not wait:
+                raise PipelineError(f"{what} is in use by another run (pid {holder}); wait for it to finish "
+                                    "or use another folder") from None
+            print(f"waiting for the run with pid {holder}, which holds {what}", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

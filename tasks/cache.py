@@ -7,7 +7,8 @@ and replacing its bytes under the same name reruns exactly what depends on it.
 
 Each task writes into `<work_dir>/<stage>/<key>`, a folder named by that same key, so a cache hit always
 points at outputs made from the same inputs. Should those outputs have been deleted or damaged, the stored
-result is forgotten and the task runs again, writing them back in place.
+result is forgotten and the task runs again, writing them back in place. Runs sharing a work folder build
+each such folder once: a run that finds another building it waits, then takes its result (`exclusive`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import inspect
 import json
 import os
 import threading
@@ -23,7 +25,8 @@ from typing import Any, Callable, Iterable
 
 import llama
 from llama.errors import PipelineError
-from llama.fileio import pipeline_manifest_files, sha256_file
+from llama.fileio import (exclusive_lock, pipeline_manifest_files, read_json, remove_partials, sha256_file,
+                          write_bytes_atomic)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -177,6 +180,37 @@ class CachedStage:
     def output_dir(self, parameters: dict) -> Path:
         """`<work_dir>/<stage>/<key>`: where a run with these parameters keeps its outputs."""
         return Path(parameters["work_dir"]) / self.stage / self.key(parameters)[:16]
+
+    def exclusive(self, fn: Callable[..., dict]) -> Callable[..., dict]:
+        """Wrap a task body (under `@task`) so that one run at a time builds a folder of this stage.
+
+        Prefect's cache cannot see a run in progress: two runs on one work folder started together both
+        miss it and would write the same folder. The wrapper holds an flock on `.<key>.lock` beside the
+        folder (released when its process dies) while the body runs and keeps the body's result beside the
+        folder (`.<key>.result.json`); a run that finds the lock held waits, then returns that result if the
+        folder verifies, and builds it itself if not (the other run failed: training resumes from its
+        checkpoints). Leftovers of writes killed mid-way are removed before building.
+        """
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def build_once(*args, **kwargs) -> dict:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            out = self.output_dir(bound.arguments)
+            record = out.with_name(f".{out.name}.result.json")
+            with exclusive_lock(out.with_name(f".{out.name}.lock"), f"{self.stage} folder {out}", wait=True):
+                if record.is_file() and self.outputs_valid(out):
+                    return read_json(record, f"{self.stage} result")
+                record.unlink(missing_ok=True)
+                remove_partials(out.parent, prefix=f".{out.name}.")
+                remove_partials(out)
+                result = fn(*args, **kwargs)
+                write_bytes_atomic(record, json.dumps(result, sort_keys=True, default=str).encode())
+                return result
+
+        build_once.__prefect_task_source__ = fn  # Prefect names the task by this function's code, not ours
+        return build_once
 
     def cache_key_fn(self, context, parameters: dict) -> str:
         key = self.key(parameters)

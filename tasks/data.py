@@ -46,6 +46,7 @@ PREPROCESS = CachedStage("records", code=__name__, file_params=("input", "tokeni
 
 @task(name="preprocess", cache_key_fn=PREPROCESS.cache_key_fn, persist_result=True,
       task_run_name="preprocess-{name}")
+@PREPROCESS.exclusive
 def preprocess(name: str, kind: str, input: str, tokenizer: str, settings: dict, work_dir: str) -> dict:
     """Tokenize one dataset into a verified MindRecord folder named by its cache key; return its summary."""
     out = PREPROCESS.output_dir(locals())

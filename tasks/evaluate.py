@@ -30,6 +30,7 @@ PERPLEXITY = CachedStage("perplexity", code=__name__, file_params=("checkpoint",
 
 @task(name="perplexity", cache_key_fn=PERPLEXITY.cache_key_fn, persist_result=True,
       task_run_name="perplexity-{convention}")
+@PERPLEXITY.exclusive
 def perplexity(checkpoint: str, data: str, convention: str, settings: dict, work_dir: str) -> dict:
     """Perplexity of a checkpoint on a records folder (mindformers) or raw WikiText (standard)."""
     out = PERPLEXITY.output_dir(locals())
@@ -43,6 +44,7 @@ SQUAD = CachedStage("squad", code=__name__, file_params=("checkpoint", "data"), 
 
 
 @task(name="squad", cache_key_fn=SQUAD.cache_key_fn, persist_result=True, task_run_name="squad")
+@SQUAD.exclusive
 def squad(checkpoint: str, data: str, settings: dict, work_dir: str) -> dict:
     """SQuAD EM/F1 (official and MindFormers) by greedy generation; predictions land in the output folder."""
     out = SQUAD.output_dir(locals())
@@ -56,6 +58,7 @@ SAMPLES = CachedStage("samples", code=__name__, file_params=("checkpoint",), out
 
 
 @task(name="samples", cache_key_fn=SAMPLES.cache_key_fn, persist_result=True, task_run_name="samples")
+@SAMPLES.exclusive
 def samples(checkpoint: str, prompts: list[str], settings: dict, work_dir: str) -> dict:
     """A few generations from the finished model, to read beside its metrics."""
     out = SAMPLES.output_dir(locals())

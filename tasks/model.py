@@ -19,6 +19,7 @@ CONVERT = CachedStage("convert", code=__name__, file_params=("source", "tokenize
 
 
 @task(name="convert", cache_key_fn=CONVERT.cache_key_fn, persist_result=True, task_run_name="convert-{fmt}")
+@CONVERT.exclusive
 def convert(source: str, work_dir: str, fmt: str = "ckpt", dtype: str | None = None,
             tokenizer: str | None = None, model_config: str | None = None) -> dict:
     """Convert any supported checkpoint into a verified folder (weights, model config, tokenizer)."""

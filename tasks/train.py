@@ -34,6 +34,7 @@ TRAIN = CachedStage("train", code=__name__, file_params=("data", "base"), output
 
 
 @task(name="train", cache_key_fn=TRAIN.cache_key_fn, persist_result=True, task_run_name="train-{recipe_name}")
+@TRAIN.exclusive
 def train(recipe_name: str, config: dict, data: str, base: str | None, work_dir: str, run_id: str | None = None) -> dict:
     """Train with `config` (a TrainConfig dict) on the records folder `data`, from weights `base`.
 
@@ -99,6 +100,7 @@ MERGE = CachedStage("merge", code=__name__, file_params=("run_dir", "base", "tok
 
 
 @task(name="merge", cache_key_fn=MERGE.cache_key_fn, persist_result=True, task_run_name="merge")
+@MERGE.exclusive
 def merge(run_dir: str, base: str | None, tokenizer: str | None, work_dir: str, fmt: str = "ckpt") -> dict:
     """Rank checkpoints (and a LoRA adapter with its base) into one verified checkpoint folder."""
     out = MERGE.output_dir(locals())

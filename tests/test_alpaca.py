@@ -190,7 +190,7 @@ def test_cli_keeps_an_existing_output_unless_told(tmp_path, tok512, fixtures, ca
     assert alpaca_cli(tmp_path, tok512, seed) == 1
     assert_one_line_error(capsys, "already exists (use --overwrite")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
-    assert alpaca_cli(tmp_path, tok512, seed, "--overwrite") == 0
+    assert alpaca_cli(tmp_path, tok512, seed, "--overwrite", seq_length="384") == 0
     assert verify(tmp_path / "out")["rows"] == 175 and not (tmp_path / "out" / "mine.txt").exists()
 
 

@@ -24,7 +24,7 @@ import os
 import numpy as np
 
 from llama.data.common import add_io_arguments, check_length, encode, run_preprocess, text_field
-from llama.data.records import IGNORE_ID, summarize
+from llama.data.records import IGNORE_ID, check_labelled, summarize
 from llama.errors import PipelineError
 
 PROMPT_INPUT = (
@@ -168,6 +168,8 @@ def preprocess_alpaca(input: str | os.PathLike, tokenizer, seq_length: int,
 
     def build(data, tokenizer, _sidecar_dir):
         columns, stats = alpaca_columns(read_alpaca(data), tokenizer, seq_length, on_mismatch)
+        check_labelled(columns["labels"], f"alpaca rows of {input} at --seq-length {seq_length}",
+                       "their prompts fill the whole row (a longer --seq-length leaves room for the answers)")
         return columns, stats, {}
 
     return run_preprocess(build, kind="alpaca", input=input, tokenizer=tokenizer,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from llama.progress import Progress
 FORMAT = "llama2-pipeline records 1"
 PARQUET = "rows.parquet"
 IGNORE_ID = -100  # label value MindFormers leaves out of the loss
+UNLABELLED_WARNING = 0.5  # share of rows without a labelled token above which preprocess and train warn
 WRITE_BATCH = 1024  # rows per FileWriter call
 READ_BATCH = 4096  # rows per MindDataset batch in read_columns
 
@@ -112,6 +114,18 @@ def read_columns(out_dir: str | os.PathLike) -> dict[str, np.ndarray]:
         for name, values in batch.items():
             parts[name].append(values)
     return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def check_labelled(labels: np.ndarray, where: str, hint: str) -> None:
+    """Refuse training rows none of which has a labelled token (training on them learns nothing: loss 0,
+    gradient 0), and warn on stderr when more than half have none. Position 0 is never a target."""
+    unlabelled = int((labels[:, 1:] == IGNORE_ID).all(axis=1).sum())
+    if unlabelled == len(labels):
+        raise PipelineError(f"{where}: none of the {len(labels)} rows has a labelled token (every label is "
+                            f"{IGNORE_ID}), so there is nothing to train on; {hint}")
+    if unlabelled > UNLABELLED_WARNING * len(labels):
+        print(f"warning: {where}: {unlabelled} of {len(labels)} rows ({unlabelled / len(labels):.0%}) have no "
+              f"labelled token and teach nothing; {hint}", file=sys.stderr, flush=True)
 
 
 def _int32_rows(name: str, values) -> np.ndarray:

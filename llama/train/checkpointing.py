@@ -71,12 +71,17 @@ def verify(folder: str | os.PathLike) -> dict:
     return read_json(folder / STATE, "checkpoint state")
 
 
+def common_steps(run_dir: str | os.PathLike, world_size: int) -> list[int]:
+    """Steps every rank has a checkpoint folder of, oldest first (not yet verified)."""
+    steps = set(list_steps(run_dir, 0))
+    for rank in range(1, world_size):
+        steps &= set(list_steps(run_dir, rank))
+    return sorted(steps)
+
+
 def latest_common_step(run_dir: str | os.PathLike, world_size: int) -> int | None:
     """The newest step every rank has a verified checkpoint of (None: nothing to resume from)."""
-    candidates = set(list_steps(run_dir, 0))
-    for rank in range(1, world_size):
-        candidates &= set(list_steps(run_dir, rank))
-    for step in sorted(candidates, reverse=True):
+    for step in reversed(common_steps(run_dir, world_size)):
         try:
             for rank in range(world_size):
                 verify(step_dir(run_dir, rank, step))

@@ -52,8 +52,12 @@ def step_key(seed: int, rank: int, step: int, micro: int) -> int:
 
 
 def set_dropout_key(net: nn.Cell, key: int) -> None:
-    """Give every KeyedDropout in `net` the micro-batch's key before its forward pass."""
+    """Give every KeyedDropout in `net` the micro-batch's key before its forward pass.
+
+    The key is written with `ops.assign`, into the parameter's memory: a compiled graph keeps reading the
+    tensor it was compiled with, so `Parameter.set_data` would leave every later step on the first step's masks.
+    """
     value = Tensor(key, ms.int64)
     for _, cell in net.cells_and_names():
         if isinstance(cell, KeyedDropout) and cell.p > 0.0:
-            cell.key.set_data(value)
+            ops.assign(cell.key, value)

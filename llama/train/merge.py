@@ -48,14 +48,16 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
         return {"output": str(output), "kind": "sliced", "format": fmt, "tensors": manifest["tensors"]}
 
     world = _rank_count(run_dir)
-    step = step if step is not None else checkpointing.latest_common_step(run_dir, world)
+    steps = checkpointing.common_steps(run_dir, world)
     if step is None:
-        raise PipelineError(f"{run_dir} has no step that every one of its {world} ranks checkpointed")
+        if not steps:
+            raise PipelineError(f"{run_dir} has no step that every one of its {world} ranks checkpointed")
+        step = steps[-1]
     folders = [checkpointing.step_dir(run_dir, rank, step) for rank in range(world)]
     for folder in folders:
         if not folder.is_dir():
             raise PipelineError(f"{folder} does not exist")
-    states = [checkpointing.verify(folder) for folder in folders]
+    states = [_verified_step(folder, step, steps) for folder in folders]
     weights = [read_ckpt_index(folder / checkpointing.WEIGHTS) for folder in folders]
     _check_replicas(folders, weights)
     state = states[0]
@@ -82,6 +84,17 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
     manifest = save_checkpoint(tensors, output, config, fmt=fmt, tokenizer=tokenizer, overwrite=overwrite)
     summary["tensors"] = manifest["tensors"]
     return summary
+
+
+def _verified_step(folder: Path, step: int, steps: list[int]) -> dict:
+    """The state of the checkpoint asked for, or an error naming it when damaged: merging an older step
+    instead would quietly hand back another model than the one asked for."""
+    try:
+        return checkpointing.verify(folder)
+    except PipelineError as err:
+        older = [s for s in steps if s < step]
+        hint = f"; pass --step {older[-1]} to merge an older checkpoint" if older else ""
+        raise PipelineError(f"step {step} is damaged: {err}{hint}") from None
 
 
 def _rank_count(run_dir: Path) -> int:

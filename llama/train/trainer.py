@@ -22,13 +22,15 @@ from typing import Callable
 import numpy as np
 
 from llama.errors import PipelineError
-from llama.fileio import pipeline_manifest_files, read_json, sha256_bytes, sha256_file, write_json_atomic
+from llama.fileio import (exclusive_lock, pipeline_manifest_files, read_json, remove_partials, sha256_bytes,
+                          sha256_file, write_json_atomic)
 from llama.progress import Progress
 from llama.train import checkpointing
 from llama.train.config import TrainConfig, as_train_config
 from llama.train.plan import check_fits
 
 CONFIG_FILE, METRICS_FILE, RESULT_FILE = "train_config.json", "metrics.jsonl", "result.json"
+LOCK_FILE = ".train.lock"   # held by the process that trains into the folder (the launcher of msrun workers)
 # Settings a resumed run may change: how long it runs and how it checkpoints and logs.
 RESUMABLE_CHANGES = {("training", "epochs"), ("training", "max_steps"), ("training", "log_every"),
                      ("checkpoint", "save_steps"), ("checkpoint", "keep_last")}
@@ -42,15 +44,23 @@ def train(config: TrainConfig | dict, output_dir: str | os.PathLike, resume: boo
 
     `on_step(step, metrics)` is called on every logged step with loss, lr, grad_norm, tokens_per_s,
     loss_scale and skipped (whether the update was skipped for non-finite gradients).
+
+    One run at a time trains into a folder: a second one is refused at once, naming the holder's pid (it
+    could only repeat or undo the first one's steps).
     """
     config = as_train_config(config)
     config.require_inputs()
     config.check_runnable_on_cpu()
+    if launched_by_msrun():
+        return run_worker(config, output_dir, resume, on_step)
     check_fits(config)
-    if config.parallel.data_parallel > 1 and not launched_by_msrun():
-        from llama.train.launch import run_data_parallel
-        return run_data_parallel(config, output_dir, resume, on_step)
-    return run_worker(config, output_dir, resume, on_step)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(output_dir / LOCK_FILE, f"training folder {output_dir}", wait=False):
+        if config.parallel.data_parallel > 1:
+            from llama.train.launch import run_data_parallel
+            return run_data_parallel(config, output_dir, resume, on_step)
+        return run_worker(config, output_dir, resume, on_step)
 
 
 def launched_by_msrun() -> bool:
@@ -60,9 +70,16 @@ def launched_by_msrun() -> bool:
 
 
 def prepare_output(config: TrainConfig, output_dir: Path, resume: bool) -> int:
-    """Record the config of a new run, or check a resumed one against it; return the step to start from."""
+    """Record the config of a new run, or check a resumed one against it; return the step to start from.
+
+    Temporaries of a killed run's unfinished writes are removed first. A folder with a config but no
+    checkpoint (a run that failed or was killed before its first one) holds nothing to keep: a new run
+    starts over in it.
+    """
     saved_path = output_dir / CONFIG_FILE
     world = config.parallel.data_parallel
+    for folder in (output_dir, *(checkpointing.rank_dir(output_dir, rank) for rank in range(world))):
+        remove_partials(folder)
     if resume:
         if not saved_path.is_file():
             raise PipelineError(f"nothing to resume in {output_dir}: it has no {CONFIG_FILE}")
@@ -71,7 +88,7 @@ def prepare_output(config: TrainConfig, output_dir: Path, resume: bool) -> int:
             raise PipelineError(f"--resume with different settings than the run in {output_dir}: "
                                 f"{', '.join(changed)} (start a new output folder instead)")
         return checkpointing.latest_common_step(output_dir, world) or 0
-    if any(checkpointing.list_steps(output_dir, rank) for rank in range(world)) or saved_path.exists():
+    if any(checkpointing.list_steps(output_dir, rank) for rank in range(world)):
         raise PipelineError(f"{output_dir} already holds a training run; pass --resume to continue it, "
                             "or choose a new output folder")
     write_json_atomic(saved_path, config.to_dict())
@@ -122,7 +139,7 @@ class Batches:
 
 
 def load_batches(config: TrainConfig, world_size: int) -> Batches:
-    from llama.data.records import read_columns, verify
+    from llama.data.records import check_labelled, read_columns, verify
 
     manifest = verify(config.data.train)
     missing = [c for c in config.columns if c not in manifest["columns"]]
@@ -134,6 +151,9 @@ def load_batches(config: TrainConfig, world_size: int) -> Batches:
                       sha256_bytes(json.dumps(manifest["files"], sort_keys=True).encode()), config.seed,
                       config.data.shuffle, config.data.batch_size, config.training.gradient_accumulation_steps,
                       world_size)
+    if batches.labels is not None:
+        check_labelled(batches.labels, f"training records {config.data.train}",
+                       "were they cut too short at preprocess (--seq-length)?")
     if batches.steps_per_epoch == 0:
         raise PipelineError(f"{config.data.train} has {len(batches.input_ids)} rows, fewer than one global batch "
                             f"of {batches.global_batch} (batch_size x gradient_accumulation_steps x data_parallel)")
@@ -265,13 +285,13 @@ def run_worker(config: TrainConfig, output_dir: str | os.PathLike, resume: bool 
         rank, world = get_rank(), get_group_size()
         if world != config.parallel.data_parallel:
             raise PipelineError(f"msrun started {world} workers, the config asks for {config.parallel.data_parallel}")
-    if start_step is None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        start_step = prepare_output(config, output_dir, resume)
-
+    # Inputs and model are checked before the run is recorded, so bad settings leave nothing behind.
     batches = load_batches(config, world)
     total_steps = count_steps(config, len(batches.input_ids))
     network = build_network(config)
+    if start_step is None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        start_step = prepare_output(config, output_dir, resume)
     net = network.net
     net.set_train(True)
     stepper = Stepper(net, network.model_config.pad_token_id, config.optimizer, config.training.max_grad_norm,
@@ -280,7 +300,7 @@ def run_worker(config: TrainConfig, output_dir: str | os.PathLike, resume: bool 
                         config.loss_scale.window)
     weights, optimizer_state = network.saved_weights(), stepper.optimizer_state()
 
-    last_checkpoint = None
+    last_checkpoint = first_loss = None
     if start_step:
         last_checkpoint = checkpointing.step_dir(output_dir, rank, start_step)
         state = checkpointing.verify(last_checkpoint)
@@ -291,6 +311,7 @@ def run_worker(config: TrainConfig, output_dir: str | os.PathLike, resume: bool 
         checkpointing.restore(optimizer_state, checkpointing.load_tensors(last_checkpoint / checkpointing.OPTIMIZER),
                               str(last_checkpoint))
         scaler.load(state["loss_scale"])
+        first_loss = state.get("first_loss")
     if rank == 0:
         _truncate_metrics(output_dir / METRICS_FILE, start_step)
 
@@ -302,7 +323,8 @@ def run_worker(config: TrainConfig, output_dir: str | os.PathLike, resume: bool 
             "loss_scale": scaler.state(),
             "rng": {"seed": config.seed, "data_order": "permutation seeded by (seed, epoch)",
                     "dropout": "keys from (seed, rank, step, micro-batch)"},
-            "metrics": metrics, "kind": network.kind, "model_config": network.model_config.to_dict(),
+            "metrics": metrics, "first_loss": first_loss, "kind": network.kind,
+            "model_config": network.model_config.to_dict(),
             "pet": config.to_dict()["pet"] if network.kind != "full" else None, "base": network.base,
         }
         return checkpointing.save(output_dir, rank, step, weights, optimizer_state, state,
@@ -311,7 +333,7 @@ def run_worker(config: TrainConfig, output_dir: str | os.PathLike, resume: bool 
     has_dropout = network.kind != "full"
     seq_length = batches.input_ids.shape[1] - 1
     tokens_per_step = batches.global_batch * seq_length
-    first_loss = last_metrics = None
+    last_metrics = None
     timed_steps, timed_seconds = 0, 0.0
     progress = Progress("train", total=total_steps - start_step, unit="steps", enabled=rank == 0)
     with progress:
