@@ -4,6 +4,8 @@
   (they are when the all-reduce worked), and one of them is written.
 - LoRA runs hold only the adapter; it is merged into the base checkpoint it names (whose sha256 must still
   match): W += (B @ A) * alpha / rank.
+- The output keeps the dtype the base checkpoint was stored in (runs train float32 masters), unless `dtype`
+  says otherwise.
 - Sliced checkpoints of model/pipeline-parallel runs (MindFormers' rank_k/*.ckpt plus a strategy file) go
   through `mindspore.transform_checkpoints` into one slice-free checkpoint first.
 Prefix-tuning adapters are not weights of the base model and cannot be merged into it.
@@ -24,7 +26,8 @@ from llama.train import checkpointing
 
 def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | None = None, fmt: str = "ckpt",
           base: str | os.PathLike | None = None, strategy: str | os.PathLike | None = None,
-          model_config=None, tokenizer: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
+          model_config=None, tokenizer: str | os.PathLike | None = None, dtype: str | None = None,
+          overwrite: bool = False) -> dict:
     """Merge `run_dir` into the checkpoint folder `output` (fmt "ckpt", "safetensors" or "hf"); return a summary.
 
     `model_config` (a ModelConfig or what `ModelConfig.load` takes) is needed only for sliced checkpoints,
@@ -43,7 +46,7 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
         config = model_config if isinstance(model_config, ModelConfig) else ModelConfig.load(model_config)
         with tempfile.TemporaryDirectory(dir=Path(output).resolve().parent) as tmp:
             merged = _transform_sliced(run_dir, Path(strategy), Path(tmp))
-            manifest = write_checkpoint(open_checkpoint(merged, config), output, fmt, tokenizer=tokenizer,
+            manifest = write_checkpoint(open_checkpoint(merged, config), output, fmt, dtype, tokenizer=tokenizer,
                                         overwrite=overwrite, progress=False)
         return {"output": str(output), "kind": "sliced", "format": fmt, "tensors": manifest["tensors"]}
 
@@ -79,7 +82,8 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
         pet = state["pet"]
         summary["merged_weights"] = len(merge_lora_weights(tensors, adapter, pet["lora_alpha"], pet["lora_rank"]))
         summary["base"] = str(base)
-    manifest = save_checkpoint(tensors, output, config, fmt=fmt, tokenizer=tokenizer, overwrite=overwrite)
+    manifest = save_checkpoint(tensors, output, config, fmt=fmt, tokenizer=tokenizer,
+                               dtype=dtype or config.param_dtype, overwrite=overwrite)
     summary["tensors"] = manifest["tensors"]
     return summary
 
