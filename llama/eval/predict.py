@@ -49,7 +49,7 @@ def continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
 def predict(checkpoint: str | os.PathLike, prompts: list[str], *, max_new_tokens: int = 64,
             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
             ignore_eos: bool = False, tokenizer: str | os.PathLike | None = None, dtype: str | None = None,
-            model_config: str | None = None,
+            model_config: str | None = None, adapter: str | os.PathLike | None = None,
             output: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
     """Complete every prompt; returns `completions` (dicts) and throughput, and writes `output` if given.
 
@@ -63,7 +63,7 @@ def predict(checkpoint: str | os.PathLike, prompts: list[str], *, max_new_tokens
         raise PipelineError(f"batch size must be at least 1, got {batch_size}")
     if output is not None:
         check_output_free(output, overwrite)
-    model, _ = load_model(checkpoint, dtype, model_config)
+    model, _ = load_model(checkpoint, dtype, model_config, adapter)
     tok = load_tokenizer(checkpoint, tokenizer)
     completions, new_tokens, start = [], 0, time.monotonic()
     for first in range(0, len(prompts), batch_size):

@@ -8,7 +8,8 @@
   says otherwise.
 - Sliced checkpoints of model/pipeline-parallel runs (MindFormers' rank_k/*.ckpt plus a strategy file) go
   through `mindspore.transform_checkpoints` into one slice-free checkpoint first.
-Prefix-tuning adapters are not weights of the base model and cannot be merged into it.
+Prefix-tuning adapters are not weights of the base model and cannot be merged into it; evaluations load
+them beside their base instead (`--adapter`, llama/train/adapter.py).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
     """
     from llama.checkpoint import open_checkpoint, read_ckpt_index, save_checkpoint, write_checkpoint
     from llama.config import ModelConfig
+    from llama.train.adapter import check_base
     from llama.train.lora import merge_lora_weights
-    from llama.train.trainer import checkpoint_identity
 
     check_output_free(output, overwrite)
     run_dir = Path(run_dir)
@@ -68,15 +69,13 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
 
     if state["kind"] == "prefix":
         raise PipelineError(f"{run_dir} trained a prefix-tuning adapter; it feeds the model extra keys and values "
-                            "and has no weights to merge into the base model (load it beside the base instead)")
+                            "and has no weights to merge into the base model (evaluate it with --adapter instead)")
     if state["kind"] == "lora":
         recorded = state["base"]
         base = Path(base) if base is not None else Path(recorded["path"])
         if not base.exists():
             raise PipelineError(f"base checkpoint {base} of this LoRA run does not exist (pass --base)")
-        if checkpoint_identity(base) != recorded["sha256"]:
-            raise PipelineError(f"{base} is not the base checkpoint this adapter was trained on "
-                                f"(sha256 {recorded['sha256'][:16]}... expected)")
+        check_base(base, recorded, run_dir)
         source = open_checkpoint(base, config)
         adapter, tensors = tensors, {name: entry.read() for name, entry in source.entries.items()}
         pet = state["pet"]
