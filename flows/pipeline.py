@@ -125,8 +125,9 @@ def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages
     datasets = data["datasets"]
     base_checkpoint = stages.finish("convert", convert_run, converted, lambda run, result, _: run.log_params(result))
 
-    # Training and merging (a config without `train` evaluates the converted weights as they are).
-    checkpoint, trained, recipe_name = base_checkpoint["checkpoint"], {}, None
+    # Training and merging (a config without `train` evaluates the converted weights as they are). A prefix
+    # adapter has no weights to merge: the evaluations load it beside its base.
+    checkpoint, trained, recipe_name, adapter = base_checkpoint["checkpoint"], {}, None, None
     if train_settings:
         if train_settings["dataset"] not in datasets:
             raise PipelineError(f"train.dataset {train_settings['dataset']!r} is not a dataset of {settings['data']}")
@@ -138,13 +139,16 @@ def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages
         trained = stages.finish("train", train_run, train.train.submit(
             recipe_name, train_config, datasets[train_settings["dataset"]]["output"], checkpoint, work_dir,
             train_run.run_id), lambda run, result, how: train.log_training(run, result, how == "cached"))
-        merge_run = stages.start("merge")
-        checkpoint = stages.finish("merge", merge_run, train.merge.submit(
-            trained["output_dir"], base_checkpoint["checkpoint"], tokenizer, work_dir,
-            settings.get("merge", {}).get("format", "ckpt")))["checkpoint"]
+        if train_config["pet"]["type"] == "prefix":
+            adapter = trained["output_dir"]
+        else:
+            merge_run = stages.start("merge")
+            checkpoint = stages.finish("merge", merge_run, train.merge.submit(
+                trained["output_dir"], base_checkpoint["checkpoint"], tokenizer, work_dir,
+                settings.get("merge", {}).get("format", "ckpt")))["checkpoint"]
 
     # Evaluation, every part concurrently.
-    metrics = _evaluate(settings.get("evaluate") or {}, checkpoint, datasets, resolve, work_dir, stages)
+    metrics = _evaluate(settings.get("evaluate") or {}, checkpoint, adapter, datasets, resolve, work_dir, stages)
     metrics.update({f"train_{k}": trained[k] for k in ("first_loss", "final_loss") if trained.get(k) is not None})
 
     # Register the merged model with its metrics.
@@ -153,7 +157,8 @@ def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages
         register_run = stages.start("register")
         registered = stages.finish("register", register_run, model.register.submit(
             checkpoint, settings["register"]["model_name"], metrics, register_run.run_id,
-            {"pipeline": settings.get("name", "pipeline"), "train_recipe": recipe_name or "none"}))
+            {"pipeline": settings.get("name", "pipeline"), "train_recipe": recipe_name or "none",
+             **({"adapter": adapter} if adapter else {})}))
     stages.note(resolve.outcomes())
     return {"metrics": metrics, "checkpoint": checkpoint, "registered": registered}
 
@@ -166,9 +171,10 @@ def _model_config_file(value: str | None, base) -> str | None:
     return str(path if path.exists() else CONFIG_DIR / f"{value}.yaml")
 
 
-def _evaluate(settings: dict, checkpoint: str, datasets: dict, resolve: Inputs, work_dir: str,
-              stages: Stages) -> dict:
-    """Submit every evaluation, then log each as it is collected; return all metrics."""
+def _evaluate(settings: dict, checkpoint: str, adapter: str | None, datasets: dict, resolve: Inputs,
+              work_dir: str, stages: Stages) -> dict:
+    """Submit every evaluation (of `checkpoint`, with the prefix `adapter` run if one is given), then log each
+    as it is collected; return all metrics."""
 
     def data_of(value: str):
         return datasets[value]["output"] if value in datasets else resolve(value)
@@ -178,20 +184,20 @@ def _evaluate(settings: dict, checkpoint: str, datasets: dict, resolve: Inputs, 
         options = dict(options)
         dataset = options.pop("data")
         run = stages.start(f"perplexity-{convention}")
-        future = evaluate.perplexity.submit(checkpoint, data_of(dataset), convention, options, work_dir)
+        future = evaluate.perplexity.submit(checkpoint, data_of(dataset), convention, options, work_dir, adapter)
         jobs.append((f"perplexity-{convention}", run, future,
                      lambda r, result, _, d=dataset: evaluate.log_perplexity(r, result, d)))
     if settings.get("squad"):
         options = dict(settings["squad"])
         dataset = options.pop("data")
         run = stages.start("squad")
-        future = evaluate.squad.submit(checkpoint, data_of(dataset), options, work_dir)
+        future = evaluate.squad.submit(checkpoint, data_of(dataset), options, work_dir, adapter)
         jobs.append(("squad", run, future, lambda r, result, _, d=dataset: evaluate.log_squad(r, result, d)))
     if settings.get("samples"):
         options = dict(settings["samples"])
         prompts = options.pop("prompts")
         run = stages.start("samples")
-        future = evaluate.samples.submit(checkpoint, prompts, options, work_dir)
+        future = evaluate.samples.submit(checkpoint, prompts, options, work_dir, adapter)
         jobs.append(("samples", run, future, lambda r, result, _: evaluate.log_samples(r, result)))
 
     metrics: dict[str, float] = {}

@@ -748,10 +748,10 @@ def save_checkpoint(model_or_params, out_dir: str | os.PathLike, config: ModelCo
 def load_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = None, dtype: str | None = None):
     """Build `LlamaForCausalLM` from any supported checkpoint (checksums verified first); return (model, config).
 
-    `dtype` sets how weights are stored (float32, float16, bfloat16); it is also the compute dtype, except that
-    bf16 computes in float32 on CPU, whose kernels lack bf16. None keeps the checkpoint's dtype.
+    `dtype` sets how weights are stored (float32, float16, bfloat16); it is also the compute dtype where the
+    device computes in it (llama.device). None keeps the checkpoint's dtype.
     """
-    import mindspore as ms
+    from llama.device import compute_dtype_here
     from llama.model import LlamaForCausalLM
 
     source = open_checkpoint(path, model_config)
@@ -759,8 +759,8 @@ def load_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = 
     if dtype is not None:
         if dtype not in NP_DTYPES:
             raise PipelineError(f"unknown dtype {dtype!r} (float32, float16 or bfloat16)")
-        on_cpu = ms.get_context("device_target") == "CPU"
-        config = config.replace(param_dtype=dtype, compute_dtype="float32" if dtype == "bfloat16" and on_cpu else dtype)
+        config = config.replace(param_dtype=dtype, compute_dtype=dtype)
+    config = config.replace(compute_dtype=compute_dtype_here(config.compute_dtype))
     model = LlamaForCausalLM(config)
     assign_weights(model, source)
     return model, config

@@ -8,9 +8,9 @@
     cfg.to_dict(); cfg.to_hf_config()
 
 `param_dtype` is how weights are stored, `compute_dtype` what matmuls run in. MindSpore's CPU kernels cannot
-compute in bfloat16, so bf16 weights are cast to `compute_dtype` (float32 by default) on the fly; on Ascend
-`compute_dtype: bfloat16` works as written. Norms, softmax and rotary tables always run in float32, as in
-Hugging Face's implementation, which the tests compare against.
+compute in bfloat16, so there bf16 weights are cast to `compute_dtype` (float32 by default) on the fly; on
+Ascend `compute_dtype: bfloat16` works as written (llama/device.py holds the rule). Norms, softmax and rotary
+tables always run in float32, as in Hugging Face's implementation, which the tests compare against.
 """
 
 from __future__ import annotations

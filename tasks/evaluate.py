@@ -25,46 +25,50 @@ def _finish(out: Path, result: dict) -> None:
 
 
 outputs_intact = verified_by(lambda folder: verify_manifest(folder, OUTPUTS, "evaluation outputs"))
-PERPLEXITY = CachedStage("perplexity", code=__name__, file_params=("checkpoint", "data"), outputs_valid=outputs_intact)
+PERPLEXITY = CachedStage("perplexity", code=__name__, file_params=("checkpoint", "data", "adapter"),
+                         outputs_valid=outputs_intact)
 
 
 @task(name="perplexity", cache_key_fn=PERPLEXITY.cache_key_fn, persist_result=True,
       task_run_name="perplexity-{convention}")
 @PERPLEXITY.exclusive
-def perplexity(checkpoint: str, data: str, convention: str, settings: dict, work_dir: str) -> dict:
-    """Perplexity of a checkpoint on a records folder (mindformers) or raw WikiText (standard)."""
+def perplexity(checkpoint: str, data: str, convention: str, settings: dict, work_dir: str,
+               adapter: str | None = None) -> dict:
+    """Perplexity of a checkpoint (with an unmerged adapter run) on a records folder (mindformers) or raw
+    WikiText (standard)."""
     out = PERPLEXITY.output_dir(locals())
     with MINDSPORE_LOCK:
-        result = evaluate_perplexity(checkpoint, data, convention, show_progress=False, **settings)
+        result = evaluate_perplexity(checkpoint, data, convention, adapter=adapter, show_progress=False, **settings)
     _finish(out, result)
     return result
 
 
-SQUAD = CachedStage("squad", code=__name__, file_params=("checkpoint", "data"), outputs_valid=outputs_intact)
+SQUAD = CachedStage("squad", code=__name__, file_params=("checkpoint", "data", "adapter"), outputs_valid=outputs_intact)
 
 
 @task(name="squad", cache_key_fn=SQUAD.cache_key_fn, persist_result=True, task_run_name="squad")
 @SQUAD.exclusive
-def squad(checkpoint: str, data: str, settings: dict, work_dir: str) -> dict:
+def squad(checkpoint: str, data: str, settings: dict, work_dir: str, adapter: str | None = None) -> dict:
     """SQuAD EM/F1 (official and MindFormers) by greedy generation; predictions land in the output folder."""
     out = SQUAD.output_dir(locals())
     with MINDSPORE_LOCK:
-        result = evaluate_squad(checkpoint, data, out / "predictions", overwrite=True, show_progress=False, **settings)
+        result = evaluate_squad(checkpoint, data, out / "predictions", adapter=adapter, overwrite=True,
+                                show_progress=False, **settings)
     _finish(out, result)
     return result
 
 
-SAMPLES = CachedStage("samples", code=__name__, file_params=("checkpoint",), outputs_valid=outputs_intact)
+SAMPLES = CachedStage("samples", code=__name__, file_params=("checkpoint", "adapter"), outputs_valid=outputs_intact)
 
 
 @task(name="samples", cache_key_fn=SAMPLES.cache_key_fn, persist_result=True, task_run_name="samples")
 @SAMPLES.exclusive
-def samples(checkpoint: str, prompts: list[str], settings: dict, work_dir: str) -> dict:
+def samples(checkpoint: str, prompts: list[str], settings: dict, work_dir: str, adapter: str | None = None) -> dict:
     """A few generations from the finished model, to read beside its metrics."""
     out = SAMPLES.output_dir(locals())
     path = out / "samples.jsonl"
     with MINDSPORE_LOCK:
-        result = predict(checkpoint, prompts, output=path, overwrite=True, **settings)
+        result = predict(checkpoint, prompts, adapter=adapter, output=path, overwrite=True, **settings)
     _finish(out, {"samples": str(path)})
     return {"samples": str(path), "completions": result["completions"]}
 

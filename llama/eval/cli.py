@@ -15,6 +15,8 @@ def _model_arguments(parser) -> None:
                                                "configs/model, our YAML, HF config.json or a MindFormers YAML")
     parser.add_argument("--dtype", choices=DTYPES,
                         help="weight dtype (default: the checkpoint's); bf16 computes in float32 on CPU")
+    parser.add_argument("--adapter", help="a LoRA or prefix-tuning run folder trained on --checkpoint: applied "
+                                          "without merging")
 
 
 def _ppl(args) -> dict:
@@ -22,7 +24,8 @@ def _ppl(args) -> dict:
 
     return evaluate_perplexity(args.checkpoint, args.data, args.convention, batch_size=args.batch_size,
                                window=args.window, rolling_window=args.rolling_window, lm_eval=not args.no_lm_eval,
-                               tokenizer=args.tokenizer, dtype=args.dtype, model_config=args.model_config)
+                               tokenizer=args.tokenizer, dtype=args.dtype, model_config=args.model_config,
+                               adapter=args.adapter)
 
 
 def _squad(args) -> dict:
@@ -31,7 +34,7 @@ def _squad(args) -> dict:
     return evaluate_squad(args.checkpoint, args.data, args.output, questions=args.questions,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
                           worst=args.worst, tokenizer=args.tokenizer, dtype=args.dtype,
-                          model_config=args.model_config, overwrite=args.overwrite)
+                          model_config=args.model_config, adapter=args.adapter, overwrite=args.overwrite)
 
 
 def _predict(args) -> dict:
@@ -41,7 +44,8 @@ def _predict(args) -> dict:
     result = predict(args.checkpoint, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                      ignore_eos=args.ignore_eos, tokenizer=args.tokenizer, dtype=args.dtype,
-                     model_config=args.model_config, output=args.output, overwrite=args.overwrite)
+                     model_config=args.model_config, adapter=args.adapter, output=args.output,
+                     overwrite=args.overwrite)
     if args.output is not None:  # the file has them; keep stdout to the summary
         del result["completions"]
     elif not args.json:  # readable text, one completion per `completion_N` line

@@ -8,18 +8,22 @@ from pathlib import Path
 from llama.errors import PipelineError
 
 
-def load_model(checkpoint: str | os.PathLike, dtype: str | None = None, model_config: str | None = None):
+def load_model(checkpoint: str | os.PathLike, dtype: str | None = None, model_config: str | None = None,
+               adapter: str | os.PathLike | None = None):
     """(model in inference mode, ModelConfig) from any checkpoint `llama.checkpoint` reads, checksums first.
 
     `model_config` (a name in configs/model or a config file) is for weights that carry none, e.g. a bare
-    MindFormers .ckpt.
+    MindFormers .ckpt. `adapter` is a LoRA or prefix-tuning run folder trained on `checkpoint`, applied
+    unmerged (its base is checked before anything is loaded).
     """
     from llama.checkpoint import load_checkpoint
     from llama.config import ModelConfig
+    from llama.train.adapter import apply_adapter, read_adapter
 
+    trained = read_adapter(adapter, checkpoint) if adapter is not None else None
     model, config = load_checkpoint(checkpoint, ModelConfig.load(model_config) if model_config else None, dtype)
     model.set_train(False)
-    return model, config
+    return (apply_adapter(model, trained) if trained else model), config
 
 
 def load_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None):

@@ -189,7 +189,7 @@ def evaluate_perplexity(checkpoint: str | os.PathLike, data: str | os.PathLike, 
                         batch_size: int = MINDFORMERS_EVAL_BATCH, window: int | None = None,
                         rolling_window: int | None = None, lm_eval: bool = True,
                         tokenizer: str | os.PathLike | None = None, dtype: str | None = None,
-                        model_config: str | None = None,
+                        model_config: str | None = None, adapter: str | os.PathLike | None = None,
                         tokens_per_forward: int = TOKENS_PER_FORWARD, show_progress: bool = True) -> dict:
     """Perplexity of a checkpoint under `convention` (see the module docstring); returns a flat result dict.
 
@@ -213,7 +213,7 @@ def evaluate_perplexity(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     elif convention == "mindformers":
         raise PipelineError(f"the mindformers convention reads a records folder from `preprocess wiki --mode "
                             f"mindformers`; {data} is a file")
-    model, config = load_model(checkpoint, dtype, model_config)
+    model, config = load_model(checkpoint, dtype, model_config, adapter)
     result = {"convention": convention, "checkpoint": str(checkpoint), "data": str(data)}
 
     def run(label: str, rows_total: int, length: int, compute):

@@ -51,8 +51,9 @@ class Predictor:
     MLflow model the pipeline registers, whose `predict` is this)."""
 
     def __init__(self, checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-                 dtype: str | None = None, model_config: str | None = None):
-        self.model, _ = load_model(checkpoint, dtype, model_config)
+                 dtype: str | None = None, model_config: str | None = None,
+                 adapter: str | os.PathLike | None = None):
+        self.model, _ = load_model(checkpoint, dtype, model_config, adapter)
         self.tokenizer = load_tokenizer(checkpoint, tokenizer)
 
     def complete(self, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -82,14 +83,14 @@ class Predictor:
 def predict(checkpoint: str | os.PathLike, prompts: list[str], *, max_new_tokens: int = 64,
             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
             ignore_eos: bool = False, tokenizer: str | os.PathLike | None = None, dtype: str | None = None,
-            model_config: str | None = None,
+            model_config: str | None = None, adapter: str | os.PathLike | None = None,
             output: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
     """Complete every prompt; returns `completions` (dicts) and throughput, and writes `output` if given."""
     if not prompts:
         raise PipelineError("no prompts given")
     if output is not None:
         check_output_free(output, overwrite)
-    predictor = Predictor(checkpoint, tokenizer, dtype, model_config)
+    predictor = Predictor(checkpoint, tokenizer, dtype, model_config, adapter)
     start = time.monotonic()
     completions = predictor.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                      top_p=top_p, seed=seed, batch_size=batch_size, ignore_eos=ignore_eos)

@@ -108,7 +108,8 @@ def answer_questions(model, tokenizer, questions: list[Question], max_new_tokens
 def evaluate_squad(checkpoint: str | os.PathLike, data: str | os.PathLike, output_dir: str | os.PathLike, *,
                    questions: str = "first", max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8,
                    limit: int | None = None, worst: int = 10, tokenizer: str | os.PathLike | None = None,
-                   dtype: str | None = None, model_config: str | None = None, overwrite: bool = False,
+                   dtype: str | None = None, model_config: str | None = None,
+                   adapter: str | os.PathLike | None = None, overwrite: bool = False,
                    show_progress: bool = True) -> dict:
     """Answer SQuAD questions with a checkpoint, score them both ways, write the output folder; return metrics.
 
@@ -120,7 +121,7 @@ def evaluate_squad(checkpoint: str | os.PathLike, data: str | os.PathLike, outpu
     if max_new_tokens < 1:
         raise PipelineError(f"max new tokens must be at least 1, got {max_new_tokens}")
     check_output_free(output_dir, overwrite)
-    model, config = load_model(checkpoint, dtype, model_config)
+    model, config = load_model(checkpoint, dtype, model_config, adapter)
     tok = load_tokenizer(checkpoint, tokenizer)
     items, counts = load_questions(data, tok, questions, config.max_position_embeddings - max_new_tokens, limit)
     start = time.monotonic()

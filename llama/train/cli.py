@@ -38,7 +38,8 @@ def _merge(args) -> dict:
     from llama.train.merge import merge
 
     return merge(args.run_dir, args.output, step=args.step, fmt=args.format, base=args.base,
-                 strategy=args.strategy, model_config=args.model_config, tokenizer=args.tokenizer, overwrite=args.overwrite)
+                 strategy=args.strategy, model_config=args.model_config, tokenizer=args.tokenizer, dtype=args.dtype,
+                 overwrite=args.overwrite)
 
 
 def register(subparsers) -> None:
@@ -73,4 +74,6 @@ def register(subparsers) -> None:
                         help="strategy file of sliced (model-parallel) checkpoints, merged with transform_checkpoints")
     parser.add_argument("--model-config", help="model config of sliced checkpoints (a name in configs/model/ or a path)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.model to copy into the output")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="cast the weights (default: the dtype of the base checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

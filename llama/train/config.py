@@ -28,7 +28,7 @@ PET_TYPES = ("none", "lora", "prefix")
 class ModelSection:
     config: str = "tiny"                 # a name in configs/model/, or a path (our YAML, HF config.json, MindFormers YAML)
     checkpoint: str | None = None        # starting weights; required to finetune
-    compute_dtype: str | None = None     # overrides the model config's; CPU runs float32 or float16
+    compute_dtype: str | None = None     # overrides the model config's; CPU computes in float32 or float16
 
 
 @dataclass
@@ -155,11 +155,12 @@ class TrainConfig:
         if self.run_mode == "finetune" and not self.model.checkpoint:
             raise PipelineError("train config: finetuning starts from pretrained weights: set model.checkpoint")
 
-    def check_runnable_on_cpu(self) -> None:
-        """The seed's recipes target Ascend; say which of their settings MindSpore's CPU backend cannot run."""
-        if self.model.compute_dtype == "bfloat16":
-            raise PipelineError("model.compute_dtype=bfloat16 needs Ascend (MindSpore's CPU kernels compute in "
-                                "float32/float16 only); override it, e.g. model.compute_dtype=float32")
+    def check_runnable(self) -> None:
+        """The seed's recipes target Ascend; say which of their settings this device or trainer cannot run."""
+        from llama.device import compute_dtype_here
+
+        if self.model.compute_dtype:
+            compute_dtype_here(self.model.compute_dtype, "model.compute_dtype")
         if self.parallel.model_parallel > 1 or self.parallel.pipeline_stage > 1:
             raise PipelineError(
                 f"parallel.model_parallel={self.parallel.model_parallel} and parallel.pipeline_stage="

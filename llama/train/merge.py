@@ -4,9 +4,12 @@
   (they are when the all-reduce worked), and one of them is written.
 - LoRA runs hold only the adapter; it is merged into the base checkpoint it names (whose sha256 must still
   match): W += (B @ A) * alpha / rank.
+- The output keeps the dtype the base checkpoint was stored in (runs train float32 masters), unless `dtype`
+  says otherwise.
 - Sliced checkpoints of model/pipeline-parallel runs (MindFormers' rank_k/*.ckpt plus a strategy file) go
   through `mindspore.transform_checkpoints` into one slice-free checkpoint first.
-Prefix-tuning adapters are not weights of the base model and cannot be merged into it.
+Prefix-tuning adapters are not weights of the base model and cannot be merged into it; evaluations load
+them beside their base instead (`--adapter`, llama/train/adapter.py).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from llama.train import checkpointing
 
 def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | None = None, fmt: str = "ckpt",
           base: str | os.PathLike | None = None, strategy: str | os.PathLike | None = None,
-          model_config=None, tokenizer: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
+          model_config=None, tokenizer: str | os.PathLike | None = None, dtype: str | None = None,
+          overwrite: bool = False) -> dict:
     """Merge `run_dir` into the checkpoint folder `output` (fmt "ckpt", "safetensors" or "hf"); return a summary.
 
     `model_config` (a ModelConfig or what `ModelConfig.load` takes) is needed only for sliced checkpoints,
@@ -32,8 +36,8 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
     """
     from llama.checkpoint import open_checkpoint, read_ckpt_index, save_checkpoint, write_checkpoint
     from llama.config import ModelConfig
+    from llama.train.adapter import check_base
     from llama.train.lora import merge_lora_weights
-    from llama.train.trainer import checkpoint_identity
 
     check_output_free(output, overwrite)
     run_dir = Path(run_dir)
@@ -43,7 +47,7 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
         config = model_config if isinstance(model_config, ModelConfig) else ModelConfig.load(model_config)
         with tempfile.TemporaryDirectory(dir=Path(output).resolve().parent) as tmp:
             merged = _transform_sliced(run_dir, Path(strategy), Path(tmp))
-            manifest = write_checkpoint(open_checkpoint(merged, config), output, fmt, tokenizer=tokenizer,
+            manifest = write_checkpoint(open_checkpoint(merged, config), output, fmt, dtype, tokenizer=tokenizer,
                                         overwrite=overwrite, progress=False)
         return {"output": str(output), "kind": "sliced", "format": fmt, "tensors": manifest["tensors"]}
 
@@ -67,21 +71,20 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
 
     if state["kind"] == "prefix":
         raise PipelineError(f"{run_dir} trained a prefix-tuning adapter; it feeds the model extra keys and values "
-                            "and has no weights to merge into the base model (load it beside the base instead)")
+                            "and has no weights to merge into the base model (evaluate it with --adapter instead)")
     if state["kind"] == "lora":
         recorded = state["base"]
         base = Path(base) if base is not None else Path(recorded["path"])
         if not base.exists():
             raise PipelineError(f"base checkpoint {base} of this LoRA run does not exist (pass --base)")
-        if checkpoint_identity(base) != recorded["sha256"]:
-            raise PipelineError(f"{base} is not the base checkpoint this adapter was trained on "
-                                f"(sha256 {recorded['sha256'][:16]}... expected)")
+        check_base(base, recorded, run_dir)
         source = open_checkpoint(base, config)
         adapter, tensors = tensors, {name: entry.read() for name, entry in source.entries.items()}
         pet = state["pet"]
         summary["merged_weights"] = len(merge_lora_weights(tensors, adapter, pet["lora_alpha"], pet["lora_rank"]))
         summary["base"] = str(base)
-    manifest = save_checkpoint(tensors, output, config, fmt=fmt, tokenizer=tokenizer, overwrite=overwrite)
+    manifest = save_checkpoint(tensors, output, config, fmt=fmt, tokenizer=tokenizer,
+                               dtype=dtype or config.param_dtype, overwrite=overwrite)
     summary["tensors"] = manifest["tensors"]
     return summary
 

@@ -4,7 +4,8 @@ The prefixes are reparameterised as in MindFormers' pet prefix tuning: an embedd
 [prefix_token_num, 2 * layers * kv_width], goes through a two-layer tanh MLP of width `mid_dim` back to the same
 width, then dropout, and is split into one (key, value) pair per layer. Parameter names follow MindFormers'
 (`prefix_layers.mindpet_delta_prefixtuning_*`). Keys and values are as wide as the model's kv heads, so
-grouped-query models (70B) get prefixes of the right shape.
+grouped-query models (70B) get prefixes of the right shape. `PrefixedLM` runs a trained adapter for evaluation and
+generation: its prefixes computed once, fed to every forward pass and decode step.
 """
 
 from __future__ import annotations
@@ -59,3 +60,30 @@ class PrefixTunedLM(nn.Cell):
 
     def construct(self, input_ids):
         return self.pet_model(input_ids, self.prefix_layers(input_ids.shape[0]))
+
+
+class PrefixedLM(nn.Cell):
+    """The base model fed fixed prefixes (a trained adapter's, computed once): evaluation and generation call
+    it as they call the model, forward passes and KV-cache decode steps alike."""
+
+    def __init__(self, model: LlamaForCausalLM, prefix_key_values: tuple):
+        super().__init__(auto_prefix=False)
+        self.config, self.model = model.config, model
+        self.prefix_key_values = prefix_key_values        # per layer (key, value), each [1, K, P, D]
+        self.prefix_len = prefix_key_values[0][0].shape[2]
+
+    def _prefixes(self, batch: int) -> tuple:
+        return tuple((ops.broadcast_to(key, (batch,) + key.shape[1:]),
+                      ops.broadcast_to(value, (batch,) + value.shape[1:])) for key, value in self.prefix_key_values)
+
+    def construct(self, input_ids):
+        return self.model(input_ids, self._prefixes(input_ids.shape[0]))
+
+    def init_kv_cache(self, batch: int, length: int) -> tuple:
+        return self.model.init_kv_cache(batch, length)
+
+    def decode(self, input_ids, positions, mask, cache_index, kv_caches):
+        """The model's decode step; every query also attends to all prefix positions."""
+        batch, _, seq, _ = mask.shape
+        mask = ops.concat([ops.zeros((batch, 1, seq, self.prefix_len), ms.float32), mask], -1)
+        return self.model.decode(input_ids, positions, mask, cache_index, kv_caches, self._prefixes(batch))

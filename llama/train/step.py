@@ -6,8 +6,10 @@ buffers; the last call updates). Learning rate, loss scale and everything else t
 tensors, so each graph compiles once.
 
 The optimizer is MindFormers' FP32StateAdamWeightDecay, i.e. MindSpore's AdamWeightDecay with float32
-moments whatever the parameters' dtype: no bias correction, decoupled weight decay (not on 1-D tensors such as
-norm weights and biases). An update whose gradients are not finite is skipped (dynamic loss scaling then
+moments: no bias correction, decoupled weight decay (not on 1-D tensors such as norm weights and biases). The
+trained parameters are float32 masters (MindFormers' param_init_type; the trainer builds them so whatever the
+checkpoint's dtype), so the update is one fused kernel per parameter and never assigns a bf16 tensor, which
+MindSpore's CPU Assign cannot. An update whose gradients are not finite is skipped (dynamic loss scaling then
 lowers the scale); the host sees `finite` and decides.
 """
 
@@ -49,11 +51,12 @@ class Update(nn.Cell):
     def __init__(self, params: ParameterTuple, beta1: float, beta2: float, eps: float, weight_decay: float,
                  max_grad_norm: float | None, world_size: int):
         super().__init__()
+        not_masters = [f"{p.name} ({p.dtype})" for p in params if p.dtype != ms.float32]
+        if not_masters:
+            raise ValueError(f"trained parameters must be float32 masters: {', '.join(not_masters)}")
         self.params = params
         self.moment1 = params.clone(prefix="adam_m", init="zeros")
         self.moment2 = params.clone(prefix="adam_v", init="zeros")
-        for moment in (*self.moment1, *self.moment2):
-            moment.set_dtype(ms.float32)
         self.decay = tuple(weight_decay if len(p.shape) > 1 else 0.0 for p in params)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.max_grad_norm = max_grad_norm
@@ -66,7 +69,6 @@ class Update(nn.Cell):
         if self.all_reduce is not None:
             grads = tuple(self.all_reduce(g) for g in grads)
             divisor = divisor * self.world_size
-        grads = tuple(g.astype(ms.float32) for g in grads)
         square_sum = ops.zeros((), ms.float32)
         for g in grads:
             # the last axis first: on CPU one reduction over all elements is about 5x slower
@@ -80,22 +82,9 @@ class Update(nn.Cell):
                 clip = ops.minimum(clip, self.max_grad_norm / (norm + 1e-6))
             factor = clip / divisor
             for i in range(len(grads)):
-                self._adamw(self.params[i], self.moment1[i], self.moment2[i], grads[i] * factor, lr, self.decay[i])
+                self.fused_adamw(self.params[i], self.moment1[i], self.moment2[i], lr, self.beta1, self.beta2,
+                                 self.eps, self.decay[i], grads[i] * factor)
         return norm, finite
-
-    def _adamw(self, param, m, v, grad, lr, decay):
-        if param.dtype == ms.float32:  # the same update as below, in one fused multi-threaded kernel
-            self.fused_adamw(param, m, v, lr, self.beta1, self.beta2, self.eps, decay, grad)
-            return
-        new_m = self.beta1 * m + (1.0 - self.beta1) * grad
-        new_v = self.beta2 * v + (1.0 - self.beta2) * grad * grad
-        value = param.astype(ms.float32)
-        update = new_m / (ops.sqrt(new_v) + self.eps)
-        if decay > 0.0:
-            update = update + decay * value
-        ops.assign(m, new_m)
-        ops.assign(v, new_v)
-        ops.assign(param, (value - lr * update).astype(param.dtype))
 
 
 class _Gradients(nn.Cell):
@@ -136,7 +125,7 @@ class AccumulateStep(nn.Cell):
     def construct(self, input_ids, labels, scale):
         loss, grads = self.gradients(input_ids, labels, scale)
         for i in range(len(grads)):
-            ops.assign_add(self.buffers[i], grads[i].astype(ms.float32))
+            ops.assign_add(self.buffers[i], grads[i])
         return self.loss_mean(loss)
 
 
@@ -160,7 +149,6 @@ class _LossMean(nn.Cell):
         super().__init__()
         self.world_size = world_size
         self.all_reduce = ops.AllReduce() if world_size > 1 else None
-        self.fused_adamw = ops.AdamWeightDecay()
 
     def construct(self, loss):
         if self.all_reduce is None:
@@ -182,8 +170,6 @@ class Stepper:
             self.fused = FusedStep(gradients, self.update, world_size)
         else:
             buffers = params.clone(prefix="grad_buffer", init="zeros")
-            for buffer in buffers:
-                buffer.set_dtype(ms.float32)
             self.accumulate = AccumulateStep(gradients, buffers, world_size)
             self.apply = ApplyStep(self.update, buffers)
 

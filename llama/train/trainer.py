@@ -50,7 +50,7 @@ def train(config: TrainConfig | dict, output_dir: str | os.PathLike, resume: boo
     """
     config = as_train_config(config)
     config.require_inputs()
-    config.check_runnable_on_cpu()
+    config.check_runnable()
     if launched_by_msrun():
         return run_worker(config, output_dir, resume, on_step)
     check_fits(config)
@@ -239,6 +239,7 @@ def build_network(config: TrainConfig) -> Network:
     import mindspore as ms
     from llama.checkpoint import assign_weights, open_checkpoint
     from llama.config import ModelConfig
+    from llama.device import compute_dtype_here
     from llama.model import LlamaForCausalLM
 
     ms.set_seed(config.seed)
@@ -247,11 +248,13 @@ def build_network(config: TrainConfig) -> Network:
     model_config = source.config if source else model_config
     if model_config is None:
         raise PipelineError("train config: set model.config (or model.checkpoint with its config)")
-    if config.model.compute_dtype:
-        model_config = model_config.replace(compute_dtype=config.model.compute_dtype)
-    elif model_config.compute_dtype == "bfloat16":
-        model_config = model_config.replace(compute_dtype="float32")
-    model = LlamaForCausalLM(model_config)
+    model_config = model_config.replace(compute_dtype=compute_dtype_here(
+        config.model.compute_dtype or model_config.compute_dtype,
+        "model.compute_dtype" if config.model.compute_dtype else None))
+    # Trainable weights are float32 masters whatever the checkpoint holds (MindFormers' param_init_type);
+    # the frozen base of an adapter stays as stored. model_config keeps the stored dtype, which exports use.
+    trains_all = config.pet.type == "none"
+    model = LlamaForCausalLM(model_config.replace(param_dtype="float32") if trains_all else model_config)
     base = None
     if source is not None:
         assign_weights(model, source)
