@@ -164,8 +164,9 @@ class TrainConfig:
         if self.parallel.model_parallel > 1 or self.parallel.pipeline_stage > 1:
             raise PipelineError(
                 f"parallel.model_parallel={self.parallel.model_parallel} and parallel.pipeline_stage="
-                f"{self.parallel.pipeline_stage} need Ascend or GPU devices (MindSpore's CPU backend supports only "
-                "data parallelism); set both to 1 here, e.g. parallel.model_parallel=1 parallel.pipeline_stage=1")
+                f"{self.parallel.pipeline_stage}: this trainer runs data parallelism only (on any device; the seed's "
+                "layout is kept for `llama2-pipeline plan`); set both to 1, e.g. parallel.model_parallel=1 "
+                "parallel.pipeline_stage=1")
 
     @property
     def columns(self) -> list[str]:
