@@ -210,6 +210,57 @@ def test_squad_and_alpaca_records_use_the_tokenizers_ids(bpe768, fixtures, tmp_p
     assert (columns["labels"][0] != -100).any()
 
 
+# ------------------------------------------------------------------------- checkpoints, predict and eval
+
+@pytest.fixture(scope="module")
+def bpe_checkpoint(tmp_path_factory, bpe768):
+    """A random stories260K-shaped model over bpe768's vocabulary, saved with the tokenizer folder."""
+    import mindspore as ms
+    from llama.checkpoint import save_checkpoint
+    from llama.config import ModelConfig
+    from llama.model import LlamaForCausalLM
+
+    ms.set_seed(3)
+    config = ModelConfig.named("stories260K").replace(vocab_size=768)
+    out = tmp_path_factory.mktemp("bpe") / "ckpt"
+    save_checkpoint(LlamaForCausalLM(config), out, config, tokenizer=bpe768)
+    return out
+
+
+def test_convert_carries_the_tokenizer_files(bpe_checkpoint, bpe768, tmp_path, capsys):
+    files = json.loads((bpe_checkpoint / "manifest.json").read_text())["files"]
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(files) and "tokenizer.model" not in files
+    capsys.readouterr()
+    assert cli(["convert", "--input", str(bpe_checkpoint), "--to", "hf", "--output", str(tmp_path / "hf"),
+                "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["tokenizer"] == ["tokenizer.json", "tokenizer_config.json"]
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (bpe768 / "tokenizer.json").read_bytes()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert cli(["convert", "--input", str(bpe_checkpoint), "--output", str(tmp_path / "out"),
+                "--tokenizer", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "neither a sentencepiece model nor a tokenizer.json" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_and_eval_take_the_checkpoints_tokenizer_json(bpe_checkpoint, fixtures, tmp_path):
+    from llama.eval.perplexity import evaluate_perplexity
+    from llama.eval.predict import predict
+    from llama.eval.squad import evaluate_squad
+
+    result = predict(bpe_checkpoint, ["The game began in 1997 ."], max_new_tokens=4, ignore_eos=True)
+    assert result["new_tokens"] == 4 and isinstance(result["completions"][0]["completion"], str)
+    squad = evaluate_squad(bpe_checkpoint, fixtures / "squad_dev_slice.json", tmp_path / "squad", limit=1,
+                           max_new_tokens=2, show_progress=False)
+    assert squad["questions"] == 1
+    wiki = tmp_path / "wiki.tokens"
+    wiki.write_text("".join((fixtures / "wiki_slice.tokens").read_text("utf-8").splitlines(True)[:40]), "utf-8")
+    ppl = evaluate_perplexity(bpe_checkpoint, wiki, "standard", window=256, rolling_window=256, show_progress=False)
+    assert ppl["ppl_standard_ctx256"] > 1 and ppl["word_perplexity"] > 1
+
+
 # ---------------------------------------------------------------------------------------- real SmolLM2
 
 @pytest.fixture(scope="module")
