@@ -261,6 +261,20 @@ def test_predict_and_eval_take_the_checkpoints_tokenizer_json(bpe_checkpoint, fi
     assert ppl["ppl_standard_ctx256"] > 1 and ppl["word_perplexity"] > 1
 
 
+def test_training_leaves_out_the_pad_id_of_its_records(bpe768, fixtures, tmp_path):
+    """Rows padded by a tokenizer with its own pad token (id 768): the loss mask takes the records' pad id."""
+    from llama.train.config import TrainConfig
+    from llama.train.trainer import load_batches
+    from train_support import tiny_config
+
+    folder = _variant(bpe768, tmp_path, {"pad_token": "<|pad|>"})
+    out = tmp_path / "squad"
+    assert cli(["preprocess", "squad", "--input", str(fixtures / "squad_dev_slice.json"), "--tokenizer",
+                str(folder), "--max-length", "600", "--mode", "train", "--output", str(out)]) == 0
+    batches = load_batches(TrainConfig.from_dict(tiny_config(run_mode="finetune", data={"train": str(out)})), 1)
+    assert batches.pad_id == 768 and (batches.input_ids == 768).any()
+
+
 # ---------------------------------------------------------------------------------------- real SmolLM2
 
 @pytest.fixture(scope="module")
@@ -273,15 +287,13 @@ def smollm2_tokenizer(smollm2_gguf, tmp_path_factory):
     return folder
 
 
-def test_smollm2_tokenizer_on_bundled_corpora(smollm2_tokenizer, smollm2_gguf, bundled_texts):
+def test_smollm2_tokenizer_on_bundled_corpora(smollm2_tokenizer, bundled_texts):
     tok, theirs = HFTokenizer(smollm2_tokenizer), auto(smollm2_tokenizer)
     assert tok.vocab_size == 49152 and (tok.bos_id, tok.eos_id) == (theirs.bos_token_id, theirs.eos_token_id)
     for texts in bundled_texts.values():
         assert_same_ids(tok, theirs, texts)
-    from_gguf = auto(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    sample = bundled_texts["squad"][:50]
-    assert tok.encode_batch(sample, bos=tok.add_bos) == from_gguf(sample)["input_ids"]
-    assert tok.decode(tok.encode(sample[0])) == sample[0]
+    context = bundled_texts["squad"][0]
+    assert tok.decode(tok.encode(context)) == context
 
 
 @pytest.mark.slow
