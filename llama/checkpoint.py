@@ -17,9 +17,11 @@ layout of Hugging Face and MindFormers (which differ from each other only in nam
 
 Folder layout written by `write_checkpoint` (one rename, so a reader never sees half of it):
     mindspore:   model.ckpt | model.safetensors (or model-00001-of-0000N.*), model_config.json,
-                 [tokenizer.model], manifest.json
+                 [tokenizer files], manifest.json
     huggingface: model.safetensors (or shards + model.safetensors.index.json), config.json,
-                 generation_config.json, [tokenizer.model], manifest.json
+                 generation_config.json, [tokenizer files], manifest.json
+The tokenizer files are those found next to the source weights or given (`llama.data.tokenizer.TOKENIZER_FILES`:
+tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json).
 `manifest.json` holds the size and sha256 of every file; `open_checkpoint` checks them before reading.
 
 Memory: tensors stored as-is are copied file to file through one small buffer; a tensor that must change
@@ -52,7 +54,6 @@ from llama.progress import Progress
 
 FORMAT = "llama2-pipeline checkpoint 1"
 MODEL_CONFIG = "model_config.json"
-TOKENIZER = "tokenizer.model"
 SHARD_BYTES = 4 << 30          # weights per output file; bigger models are written as several shards
 CKPT_SLICE_BYTES = 512 << 20   # MindSpore splits a tensor into protobuf records of at most this size
 COPY_CHUNK = 1 << 20           # tensors stored as-is are copied through buffers of this size (cache-sized)
@@ -153,7 +154,7 @@ class Source:
     kind: str                                   # huggingface, meta, llama2c, gguf or mindspore
     entries: dict[str, Entry]
     config: ModelConfig | None = None
-    tokenizer: Path | None = None
+    tokenizer: Path | None = None               # the folder holding its tokenizer files, if any
     manifest: dict | None = field(default=None, repr=False)
     tokenizer_files: dict[str, bytes] = field(default_factory=dict, repr=False)   # made from metadata (GGUF)
 
@@ -480,17 +481,17 @@ def open_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = 
             kind = "mindspore"
             entries = _read_mindspore(path / name for name in manifest["weights"])
             config = ModelConfig.from_dict(read_json(path / MODEL_CONFIG, "model config"), str(path / MODEL_CONFIG))
-        tokenizer = path / TOKENIZER if (path / TOKENIZER).is_file() else None
+        tokenizer = _tokenizer_folder(path)
     elif path.is_dir() and any(path.glob("consolidated.*.pth")):
         kind, (entries, config) = "meta", _read_meta(path)
-        tokenizer = path / TOKENIZER if (path / TOKENIZER).is_file() else None
+        tokenizer = _tokenizer_folder(path)
     elif path.is_dir():
         ckpts = sorted(path.glob("*.ckpt"))
         if ckpts and not any(path.glob("*.safetensors")):
             kind, entries = "mindspore", _read_mindspore(ckpts)
         else:
             kind, (entries, config) = "huggingface", _read_hf(path)
-        tokenizer = path / TOKENIZER if (path / TOKENIZER).is_file() else None
+        tokenizer = _tokenizer_folder(path)
     elif path.suffix == ".ckpt" or (path.suffix == ".safetensors" and not _is_hf_safetensors(path)):
         kind, entries = "mindspore", _read_mindspore([path])
     elif path.suffix in (".safetensors", ".bin") and (path.suffix == ".safetensors" or _is_zip(path)):
@@ -509,6 +510,13 @@ def open_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = 
     check_tensors(entries, config, path)
     ordered = {name: entries[name] for name in expected_shapes(config)}
     return Source(path, kind, ordered, config, tokenizer, manifest, tokenizer_files)
+
+
+def _tokenizer_folder(path: Path) -> Path | None:
+    """`path` if it holds tokenizer files (which `write_checkpoint` copies), else None."""
+    from llama.data.tokenizer import TOKENIZER_FILES
+
+    return path if any((path / name).is_file() for name in TOKENIZER_FILES) else None
 
 
 def _is_zip(path: Path) -> bool:
@@ -652,7 +660,9 @@ def write_checkpoint(source: Source, out_dir: str | os.PathLike, fmt: str = "ckp
                      shard_bytes: int = SHARD_BYTES, progress: bool = True) -> dict:
     """Write `source` as a MindSpore ("ckpt", "safetensors") or Hugging Face ("hf") folder; return its manifest.
 
-    `dtype` casts every tensor (e.g. "bfloat16"); None keeps each tensor's own dtype.
+    `dtype` casts every tensor (e.g. "bfloat16"); None keeps each tensor's own dtype. `tokenizer` (a
+    tokenizer.model, a tokenizer.json or a folder holding one; default: the source's) is opened, so a bad one is
+    refused before anything is written, and its files are copied (a folder's: every tokenizer file in it).
     """
     if fmt not in ("ckpt", "safetensors", "hf"):
         raise PipelineError(f"unknown output format {fmt!r} (ckpt, safetensors or hf)")
@@ -663,9 +673,7 @@ def write_checkpoint(source: Source, out_dir: str | os.PathLike, fmt: str = "ckp
     names = {name: ms_to_hf_name(name) if hf else name for name, _ in items}
     shards = _shard_plan(items, shard_bytes)
     files = _shard_names(len(shards), "model", ".ckpt" if fmt == "ckpt" else ".safetensors")
-    tokenizer = Path(tokenizer) if tokenizer else source.tokenizer
-    if tokenizer is not None and not tokenizer.is_file():
-        raise PipelineError(f"tokenizer {tokenizer} does not exist")
+    tokenizer_files = _tokenizer_files(Path(tokenizer) if tokenizer else source.tokenizer)
     total = sum(entry.nbytes for _, entry in items)
     buffers = [memoryview(bytearray(COPY_CHUNK)), memoryview(bytearray(COPY_CHUNK))]
     with atomic_dir(out_dir, overwrite) as tmp, ThreadPoolExecutor(1) as pool, \
@@ -696,16 +704,29 @@ def write_checkpoint(source: Source, out_dir: str | os.PathLike, fmt: str = "ckp
                     "weight_map": {names[name]: file for file, shard in zip(files, shards) for name, _ in shard}})
         else:
             write_json_atomic(tmp / MODEL_CONFIG, config.to_dict())
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER)
-        for name, data in source.tokenizer_files.items():
-            (tmp / name).write_bytes(data)
+        for name, file in tokenizer_files.items():
+            shutil.copyfile(file, tmp / name)
+        if not tokenizer_files:   # a GGUF's tokenizer, made from its metadata
+            for name, data in source.tokenizer_files.items():
+                (tmp / name).write_bytes(data)
         manifest = write_manifest(
             tmp, FORMAT, hashed=digests, kind="huggingface" if hf else "mindspore", weights=files,
             dtype=config.param_dtype, tensors=len(items),
             parameters=int(sum(np.prod(entry.shape) for _, entry in items)), model_config=config.to_dict(),
             source={"path": str(source.path), "kind": source.kind})
     return manifest
+
+
+def _tokenizer_files(path: Path | None) -> dict[str, Path]:
+    """The files to store for the tokenizer at `path`: a folder's tokenizer files, or a checked tokenizer's own."""
+    from llama.data.tokenizer import TOKENIZER_FILES, Tokenizer
+
+    if path is None:
+        return {}
+    tokenizer = Tokenizer(path)  # a bad tokenizer is refused before anything is written
+    if not path.is_dir():
+        return tokenizer.files
+    return {name: path / name for name in TOKENIZER_FILES if (path / name).is_file()}
 
 
 def _param_array(param) -> np.ndarray:

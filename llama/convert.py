@@ -4,8 +4,9 @@ Reads Hugging Face (safetensors, sharded or not; pytorch_model.bin where torch i
 consolidated.*.pth, llama2.c v0 .bin, llama.cpp .gguf (llama architecture, dequantized; its vocabulary becomes
 a Hugging Face tokenizer.json), and MindSpore/MindFormers .ckpt or .safetensors; writes MindSpore
 (.ckpt or .safetensors, MindFormers names) or Hugging Face (safetensors + config.json). The folder holds the
-weights, the model config, the tokenizer when given, and a manifest of checksums, so later commands need
-only `--checkpoint DIR`. See llama/checkpoint.py for the formats and the folder layout.
+weights, the model config, the tokenizer files (given, or found next to the input), and a manifest of
+checksums, so later commands need only `--checkpoint DIR`. See llama/checkpoint.py for the formats and the
+folder layout.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ FORMATS = {"ckpt": "MindSpore .ckpt", "safetensors": "MindSpore .safetensors", "
 def run_convert(args) -> dict:
     from llama.checkpoint import open_checkpoint, write_checkpoint
     from llama.config import ModelConfig
+    from llama.data.tokenizer import TOKENIZER_FILES
 
     start = time.monotonic()
     model_config = ModelConfig.load(args.model_config) if args.model_config else None
@@ -33,7 +35,7 @@ def run_convert(args) -> dict:
         "dtype": manifest["dtype"],
         "parameters": manifest["parameters"],
         "weights": manifest["weights"],
-        "tokenizer": any(name in manifest["files"] for name in ("tokenizer.model", "tokenizer.json")),
+        "tokenizer": sorted(set(TOKENIZER_FILES) & set(manifest["files"])),
         "seconds": round(time.monotonic() - start, 3),
     }
 
@@ -50,6 +52,7 @@ def register(subparsers) -> None:
                                                "configs/model, our YAML, HF config.json or a MindFormers YAML")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                         help="cast weights (default: keep; GGUF: float32)")
-    parser.add_argument("--tokenizer", help="sentencepiece tokenizer.model to store with the weights")
+    parser.add_argument("--tokenizer", help="tokenizer to store with the weights: tokenizer.model, tokenizer.json "
+                                            "or a folder holding one (default: the tokenizer files next to the input)")
     parser.add_argument("--shard-gb", type=float, default=4.0, help="largest weight file, in GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

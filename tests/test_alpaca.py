@@ -175,7 +175,7 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path, tok512, capsys, case):
 def test_cli_refuses_bad_arguments(tmp_path, tok512, fixtures, capsys):
     seed = fixtures / "alpaca_seed_tasks.json"
     assert alpaca_cli(tmp_path, seed, seed) == 1
-    assert_one_line_error(capsys, "is not a sentencepiece model")
+    assert_one_line_error(capsys, "is neither a sentencepiece model nor a tokenizer.json")
     assert alpaca_cli(tmp_path, tok512, seed, seq_length="1") == 1
     assert_one_line_error(capsys, "--seq-length must be at least 2, got 1")
     assert alpaca_cli(tmp_path, tok512, tmp_path / "missing.json") == 1

@@ -199,7 +199,7 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path, tok512, squad_slice, capsys
 def test_cli_refuses_bad_arguments(tmp_path, tok512, fixtures, capsys):
     squad = fixtures / "squad_dev_slice.json"
     assert squad_cli(tmp_path, squad, squad) == 1
-    assert_one_line_error(capsys, "is not a sentencepiece model")
+    assert_one_line_error(capsys, "is neither a sentencepiece model nor a tokenizer.json")
     assert squad_cli(tmp_path, tok512, squad, max_length="1") == 1
     assert_one_line_error(capsys, "--max-length must be at least 2, got 1")
     (tmp_path / "out").mkdir()

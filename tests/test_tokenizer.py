@@ -66,7 +66,7 @@ def test_mindformers_unk_example_with_llama2(llama2_tokenizer):
 def test_bad_model_file_is_a_one_line_error(tmp_path, content):
     bad = tmp_path / "tokenizer.model"
     bad.write_bytes(content)
-    with pytest.raises(PipelineError, match="is not a sentencepiece model"):
+    with pytest.raises(PipelineError, match="is neither a sentencepiece model nor a tokenizer.json"):
         Tokenizer(bad)
 
 

@@ -148,7 +148,7 @@ def _bad_inputs(tmp_path, wiki_slice, tok512):
         "is empty": (empty, tok512, 16, tmp_path / "o1"),
         "is not UTF-8": (latin1, tok512, 16, tmp_path / "o5"),
         "does not exist": (tmp_path / "missing.tokens", tok512, 16, tmp_path / "o6"),
-        "is not a sentencepiece model": (wiki_slice, not_model, 16, tmp_path / "o2"),
+        "is neither a sentencepiece model nor a tokenizer.json": (wiki_slice, not_model, 16, tmp_path / "o2"),
         "at least 2": (wiki_slice, tok512, 1, tmp_path / "o3"),
         "already exists": (wiki_slice, tok512, 16, existing),
         "fewer than one row": (wiki_slice, tok512, 10 ** 7, tmp_path / "o4"),

@@ -75,7 +75,8 @@ def run_preprocess(build, *, kind: str, input, tokenizer, seq_length: int, lengt
 def add_io_arguments(parser, length_flag: str, length_help: str, input_help: str = "input JSON file") -> None:
     """The arguments every dataset takes."""
     parser.add_argument("--input", required=True, type=Path, help=input_help)
-    parser.add_argument("--tokenizer", required=True, type=Path, help="sentencepiece tokenizer.model")
+    parser.add_argument("--tokenizer", required=True, type=Path,
+                        help="sentencepiece tokenizer.model, Hugging Face tokenizer.json, or a folder holding one")
     parser.add_argument(length_flag, required=True, type=int, help=length_help)
     parser.add_argument("--output", required=True, type=Path, help="output folder (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -1,4 +1,12 @@
-"""SentencePiece tokenization that reproduces MindFormers' `LlamaTokenizer`, fast.
+"""Tokenizers: one interface, two backends, picked from the path (`Tokenizer(path)`).
+
+- sentencepiece (a `.model` file, or a folder holding only `tokenizer.model`): reproduces MindFormers'
+  `LlamaTokenizer`, fast (`SentencePieceTokenizer`, below).
+- Hugging Face `tokenizers` (a `tokenizer.json`, or a folder holding one, with its `tokenizer_config.json` and
+  `special_tokens_map.json` when present): the ids transformers' `AutoTokenizer` gives (`llama.data.hf_tokenizer`).
+
+Every backend encodes text without special tokens and adds BOS/EOS only where the caller asks, so each record
+format keeps its MindFormers convention (e.g. BOS + paragraph + EOS) with the tokenizer's own ids.
 
 MindFormers' tokenizer (a Hugging Face-style slow tokenizer in legacy mode) first splits the text on the
 special-token strings `<unk>`, `<s>` and `</s>`, turns each of those into its id, and encodes every piece in
@@ -7,9 +15,10 @@ them stays in the neighbouring pieces, and each piece gets sentencepiece's own d
 `" 000 <unk> x"` → `▁▁ 0 0 0 ▁ | <unk> | ▁ ▁x`. Pieces left empty by the split are skipped. Plain
 sentencepiece instead spells `<unk>` as `<`, `unk`, `>`.
 
-Large inputs are encoded word by word with each distinct word encoded once (`WordEncoder`); everything
-else goes through sentencepiece's own threaded encoder in large blocks, so all cores work in C++ and Python
-only splits the text and glues the id lists together.
+Large inputs are encoded word by word with each distinct word encoded once (`WordEncoder`, exact for
+sentencepiece BPE models that qualify, and used for nothing else); everything else goes through
+sentencepiece's own threaded encoder in large blocks, so all cores work in C++ and Python only splits the text
+and glues the id lists together.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ def take_lists(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> np
     return lists.take(pa.array(index)).flatten().to_numpy()
 
 
-def _flatten(id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+def flatten_id_lists(id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Id lists as one int32 array, plus int64 offsets (len + 1) where each list starts."""
     lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
     offsets = np.concatenate(([0], np.cumsum(lengths)))
@@ -105,19 +114,97 @@ class WordEncoder:
         marked = pc.replace_substring(pc.replace_substring(array, b" ", b"\0 "), b" \0", b" ")
         words = pc.split_pattern(marked, b"\0")
         codes = words.flatten().dictionary_encode()
-        distinct_ids, distinct_offsets = _flatten(self.sp.encode(codes.dictionary.to_pylist(), num_threads=workers))
+        distinct_ids, distinct_offsets = flatten_id_lists(
+            self.sp.encode(codes.dictionary.to_pylist(), num_threads=workers))
         word = codes.indices.to_numpy()
         word_ends = np.concatenate(([0], np.cumsum(np.diff(distinct_offsets)[word])))
         return take_lists(distinct_ids, distinct_offsets, word), word_ends[words.offsets.to_numpy()]
 
 
+TOKENIZER_MODEL = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
+# The files that make up a tokenizer, in the names transformers gives them; `convert` copies those it finds.
+TOKENIZER_FILES = (TOKENIZER_MODEL, TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json")
+
+
 class Tokenizer:
-    """A sentencepiece model with MindFormers' special-token handling; `sha256` identifies the model file."""
+    """The interface every stage uses. `Tokenizer(path)` opens the backend `path` names (see the module
+    docstring); each backend sets the attributes below.
+
+    `sha256` identifies the tokenizer in record manifests and cache keys; `files` maps the names it is stored
+    under in a checkpoint folder to the files it was read from. `add_bos`/`add_eos`: whether the tokenizer's own
+    convention puts BOS/EOS around a text (used where no MindFormers convention applies, e.g. predict prompts).
+    `pad_id` fills rows; the loss and the metrics leave padded positions out.
+    """
+
+    path: Path
+    files: dict[str, Path]
+    sha256: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    add_bos: bool
+    add_eos: bool
+
+    def __new__(cls, path: str | os.PathLike | None = None):
+        if cls is Tokenizer:
+            cls = _backend(Path(path))
+        return super().__new__(cls)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False, split_special: bool = True) -> list[int]:
+        """The ids of `text`, with BOS/EOS if asked. `split_special`: a special token's text in `text` becomes
+        its id (MindFormers' and transformers' default); False spells it as plain text."""
+        raise NotImplementedError
+
+    def encode_flat(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
+                    split_special: bool = True, workers: int | None = None,
+                    progress=None) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids as one int32 array, plus int64 offsets (len(texts) + 1) where each text starts.
+
+        The fast path for streams such as WikiText: no per-text Python lists are built. `workers` threads
+        (default: every core); `progress` counts texts.
+        """
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
+                     split_special: bool = True, workers: int | None = None, progress=None) -> list[list[int]]:
+        """`encode` for many texts, on every core."""
+        ids, offsets = self.encode_flat(texts, bos, eos, split_special, workers, progress)
+        return [part.tolist() for part in np.split(ids, offsets[1:-1])] if texts else []
+
+    def decode(self, ids) -> str:
+        """The text of `ids`, special tokens left out."""
+        raise NotImplementedError
+
+
+def _backend(path: Path) -> type[Tokenizer]:
+    """The backend for a tokenizer path: a folder by the files it holds, a file by its name or its content."""
+    from llama.data.hf_tokenizer import HFTokenizer
+
+    if path.is_dir():
+        if (path / TOKENIZER_JSON).is_file():
+            return HFTokenizer
+        if (path / TOKENIZER_MODEL).is_file():
+            return SentencePieceTokenizer
+        raise PipelineError(f"tokenizer folder {path} holds neither {TOKENIZER_JSON} nor {TOKENIZER_MODEL}")
+    if not path.is_file():
+        raise PipelineError(f"tokenizer {path} does not exist")
+    if path.suffix == ".json":
+        return HFTokenizer
+    with open(path, "rb") as handle:
+        looks_like_json = handle.read(64).lstrip().startswith(b"{")
+    return HFTokenizer if looks_like_json else SentencePieceTokenizer
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model with MindFormers' special-token handling; `sha256` is the model file's."""
 
     def __init__(self, path: str | os.PathLike):
         import sentencepiece
 
-        self.path = Path(path)
+        path = Path(path)
+        self.path = path / TOKENIZER_MODEL if path.is_dir() else path
         if not self.path.is_file():
             raise PipelineError(f"tokenizer {self.path} does not exist")
         data = self.path.read_bytes()
@@ -126,14 +213,17 @@ class Tokenizer:
         except RuntimeError:
             self.sp = None
         if self.sp is None or self.sp.get_piece_size() == 0:
-            raise PipelineError(f"tokenizer {self.path} is not a sentencepiece model")
+            raise PipelineError(f"tokenizer {self.path} is neither a sentencepiece model nor a {TOKENIZER_JSON}")
+        self.files = {TOKENIZER_MODEL: self.path}
         self.sha256 = sha256_bytes(data)
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
             raise PipelineError(f"tokenizer {self.path} has no BOS or EOS token")
-        # MindFormers pads with its pad token "<unk>", i.e. the unknown-piece id (0 for Llama 2).
+        # MindFormers pads with its pad token "<unk>", i.e. the unknown-piece id (0 for Llama 2), and its
+        # LlamaTokenizer puts BOS, not EOS, in front of a text.
         self.pad_id = self.sp.unk_id()
+        self.add_bos, self.add_eos = True, False
         self.special_ids = {token: self.sp.piece_to_id(token) for token in SPECIAL_TOKENS}
 
     @functools.cached_property
@@ -142,23 +232,12 @@ class Tokenizer:
         return WordEncoder.for_model(self.sp.serialized_model_proto())
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, split_special: bool = True) -> list[int]:
-        """MindFormers' ids for `text` (`split_special=False`: plain sentencepiece), optionally with BOS/EOS."""
         return [token for part in self._parts(text, bos, eos, split_special)
                 for token in ([part] if isinstance(part, int) else self.sp.encode(part))]
-
-    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
-                     split_special: bool = True, workers: int | None = None, progress=None) -> list[list[int]]:
-        """`encode` for many texts on `workers` threads (default: every core); `progress` counts texts."""
-        ids, offsets = self.encode_flat(texts, bos, eos, split_special, workers, progress)
-        return [part.tolist() for part in np.split(ids, offsets[1:-1])] if texts else []
 
     def encode_flat(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
                     split_special: bool = True, workers: int | None = None,
                     progress=None) -> tuple[np.ndarray, np.ndarray]:
-        """All texts' ids as one int32 array, plus int64 offsets (len(texts) + 1) where each text starts.
-
-        The fast path for streams such as WikiText: no per-text Python lists are built.
-        """
         # The output as a list of chunks: a piece of text (its index) or a single token t (stored as ~t).
         pieces: list[str] = []
         chunks: list[int] = []
@@ -217,4 +296,4 @@ class Tokenizer:
                 id_lists.extend(self.sp.encode(pieces[block[0]:block[-1] + 1], num_threads=workers))
             if progress is not None:
                 progress.update(last - first)
-        return _flatten(id_lists)
+        return flatten_id_lists(id_lists)

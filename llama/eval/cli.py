@@ -10,7 +10,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 def _model_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="a converted checkpoint folder, or any checkpoint `convert` reads")
-    parser.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint folder's tokenizer.model)")
+    parser.add_argument("--tokenizer",
+                        help="tokenizer.model, tokenizer.json or a folder holding one (default: the checkpoint's)")
     parser.add_argument("--model-config", help="for weights that carry none (a bare MindFormers .ckpt): a name in "
                                                "configs/model, our YAML, HF config.json or a MindFormers YAML")
     parser.add_argument("--dtype", choices=DTYPES,

@@ -27,13 +27,13 @@ def load_model(checkpoint: str | os.PathLike, dtype: str | None = None, model_co
 
 
 def load_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
-    """`tokenizer` if given, else the checkpoint folder's own tokenizer.model."""
-    from llama.checkpoint import TOKENIZER
-    from llama.data.tokenizer import Tokenizer
+    """`tokenizer` if given, else the checkpoint folder's own (its tokenizer.json, else its tokenizer.model)."""
+    from llama.data.tokenizer import TOKENIZER_JSON, TOKENIZER_MODEL, Tokenizer
 
     if tokenizer is None:
-        bundled = Path(checkpoint) / TOKENIZER
-        if not bundled.is_file():
-            raise PipelineError(f"checkpoint {checkpoint} has no {TOKENIZER}; pass one with --tokenizer")
-        tokenizer = bundled
+        folder = Path(checkpoint)
+        if not any((folder / name).is_file() for name in (TOKENIZER_JSON, TOKENIZER_MODEL)):
+            raise PipelineError(f"checkpoint {checkpoint} has no {TOKENIZER_JSON} or {TOKENIZER_MODEL}; "
+                                "pass one with --tokenizer")
+        tokenizer = folder
     return Tokenizer(tokenizer)

@@ -1,7 +1,8 @@
 """Batch prediction, the seed's `run_llama2_predict.sh` as one call: prompts in, completions out.
 
-Each prompt is encoded with BOS (as MindFormers' predict does), decoded with the KV cache in batches, and
-returned as prompt, completion and full text; `output` writes them as JSON lines, one per prompt in order.
+Each prompt is encoded with BOS where its tokenizer adds one (Llama 2's does, as MindFormers' predict), decoded
+with the KV cache in batches, and returned as prompt, completion and full text; `output` writes them as JSON
+lines, one per prompt in order.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Predictor:
         tok, completions = self.tokenizer, []
         for first in range(0, len(prompts), batch_size):
             batch = prompts[first:first + batch_size]
-            encoded = [tok.encode(text, bos=True) for text in batch]
+            encoded = [tok.encode(text, bos=tok.add_bos) for text in batch]
             outputs = generate(self.model, encoded, max_new_tokens, temperature, top_k, top_p, seed + first,
                                None if ignore_eos else tok.eos_id, tok.pad_id)
             for text, prompt_ids, ids in zip(batch, encoded, outputs):

@@ -73,7 +73,8 @@ def register(subparsers) -> None:
     parser.add_argument("--strategy", type=Path,
                         help="strategy file of sliced (model-parallel) checkpoints, merged with transform_checkpoints")
     parser.add_argument("--model-config", help="model config of sliced checkpoints (a name in configs/model/ or a path)")
-    parser.add_argument("--tokenizer", type=Path, help="tokenizer.model to copy into the output")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="tokenizer.model, tokenizer.json or a folder holding one, to copy into the output")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                         help="cast the weights (default: the dtype of the base checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

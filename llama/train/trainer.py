@@ -116,6 +116,7 @@ class Batches:
     micro_batch: int        # rows per worker per micro-batch
     accumulation: int
     world_size: int
+    pad_id: int             # the id the rows' tokenizer pads with (their manifest says): left out of the loss
 
     @property
     def global_batch(self) -> int:
@@ -150,7 +151,7 @@ def load_batches(config: TrainConfig, world_size: int) -> Batches:
     batches = Batches(columns["input_ids"], columns.get("labels") if config.run_mode == "finetune" else None,
                       sha256_bytes(json.dumps(manifest["files"], sort_keys=True).encode()), config.seed,
                       config.data.shuffle, config.data.batch_size, config.training.gradient_accumulation_steps,
-                      world_size)
+                      world_size, manifest["tokenizer"]["pad_id"])
     if batches.labels is not None:
         check_labelled(batches.labels, f"training records {config.data.train}",
                        "were they cut too short at preprocess (--seq-length)?")
@@ -297,7 +298,7 @@ def run_worker(config: TrainConfig, output_dir: str | os.PathLike, resume: bool 
         start_step = prepare_output(config, output_dir, resume)
     net = network.net
     net.set_train(True)
-    stepper = Stepper(net, network.model_config.pad_token_id, config.optimizer, config.training.max_grad_norm,
+    stepper = Stepper(net, batches.pad_id, config.optimizer, config.training.max_grad_norm,
                       config.training.gradient_accumulation_steps, world)
     scaler = LossScaler(config.loss_scale.type, config.loss_scale.value, config.loss_scale.factor,
                         config.loss_scale.window)
