@@ -7,7 +7,7 @@ import mindspore as ms
 from llama.checkpoint import load_checkpoint, params_source
 from llama.config import ModelConfig
 from llama.errors import PipelineError
-from llama.model import LlamaForCausalLM, apply_rotary, rotary_tables
+from llama.model import LlamaForCausalLM, apply_rotary, rotary_tables, swap_axes_1_2
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,11 @@ def test_rotary_is_hugging_faces_rotate_half_formula():
     got = ms.jit(apply_rotary)(ms.Tensor(x), ms.Tensor(cos_table[positions][:, None]),
                                ms.Tensor(signed_sin_table[positions][:, None]))
     np.testing.assert_allclose(got.asnumpy(), expected, atol=1e-6)
+
+
+def test_swap_axes_1_2_is_the_transpose_it_replaces():
+    x = np.random.default_rng(0).standard_normal((2, 5, 3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(ms.jit(swap_axes_1_2)(ms.Tensor(x)).asnumpy(), x.transpose(0, 2, 1, 3))
 
 
 def test_compiled_forward_matches_pynative(hf_model, input_ids):
