@@ -145,12 +145,22 @@ def _swapped_rows(a: int, c: int) -> Tensor:
     return Tensor(((out % a) * c + out // a).astype(np.int32))
 
 
-def swap_axes_1_2(x):
+class SwapAxes12(nn.Cell):
     """[B, A, C, D] -> [B, C, A, D] (a (0, 2, 1, 3) transpose) as one gather of whole D-rows by a constant order
     of A*C entries. MindSpore's CPU Transpose kernel keeps an index table of 8 bytes per element for the life
-    of the compiled graph, one per transpose of every layer; this gather keeps none, and runs as fast."""
-    batch, a, c, d = x.shape
-    return ops.gather(x.reshape(batch, a * c, d), _swapped_rows(a, c), 1).reshape(batch, c, a, d)
+    of the compiled graph, one per transpose of every layer; this gather keeps none, and runs as fast. Its
+    gradient is the inverse reorder, another such gather: MindSpore's own gradient of a gather would keep about
+    four times the tensor's size per op in a training graph."""
+
+    def construct(self, x):
+        batch, a, c, d = x.shape
+        return ops.gather(x.reshape(batch, a * c, d), _swapped_rows(a, c), 1).reshape(batch, c, a, d)
+
+    def bprop(self, x, out, dout):
+        return (self.construct(dout),)
+
+
+swap_axes_1_2 = SwapAxes12()
 
 
 def apply_rotary(x, cos, signed_sin):

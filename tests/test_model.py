@@ -46,9 +46,16 @@ def test_rotary_is_hugging_faces_rotate_half_formula():
     np.testing.assert_allclose(got.asnumpy(), expected, atol=1e-6)
 
 
-def test_swap_axes_1_2_is_the_transpose_it_replaces():
-    x = np.random.default_rng(0).standard_normal((2, 5, 3, 4)).astype(np.float32)
+def test_swap_axes_1_2_and_its_gradient_are_the_transposes_they_replace():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 3, 4)).astype(np.float32)
+    weight = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
     np.testing.assert_array_equal(ms.jit(swap_axes_1_2)(ms.Tensor(x)).asnumpy(), x.transpose(0, 2, 1, 3))
+
+    def weighted_sum(t):
+        return (swap_axes_1_2(t) * ms.Tensor(weight)).sum()
+
+    np.testing.assert_allclose(ms.jit(ms.grad(weighted_sum))(ms.Tensor(x)).asnumpy(), weight.transpose(0, 2, 1, 3))
 
 
 def test_compiled_forward_matches_pynative(hf_model, input_ids):
