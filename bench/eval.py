@@ -30,7 +30,7 @@ def ours(config, rows: np.ndarray, prompts: dict[int, list[list[int]]], new_toke
     from llama.model import LlamaForCausalLM
 
     model = LlamaForCausalLM(config)
-    nll = TokenNLL(model, forward_rows(rows.shape[1] - 1))
+    nll = TokenNLL(model, forward_rows(rows.shape[1] - 1, config.vocab_size))
     works = {"perplexity": (lambda: mindformers_perplexity(nll, rows), rows[:, 1:].size)}
     for batch, ids in prompts.items():
         works[f"generate batch {batch}"] = (lambda ids=ids: generate(model, ids, new_tokens, eos_id=None),

@@ -28,6 +28,7 @@ K kv heads, D head_dim, E hidden size, V vocab.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -112,8 +113,9 @@ class RMSNorm(nn.Cell):
 
     def construct(self, x):
         h = x.astype(ms.float32)
-        h = h * ops.rsqrt(ops.mean(h * h, -1, True) + self.eps)
-        return self.weight.astype(self.compute_dtype) * h.astype(self.compute_dtype)
+        # explicit broadcasts: see LlamaModel.construct
+        h = h * ops.broadcast_to(ops.rsqrt(ops.mean(h * h, -1, True) + self.eps), h.shape)
+        return ops.broadcast_to(self.weight.astype(self.compute_dtype), h.shape) * h.astype(self.compute_dtype)
 
 
 def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -136,10 +138,35 @@ def swap_halves(x):
     return ops.gather(x.reshape(x.shape[:-1] + (2, half)), HALVES_SWAPPED, x.ndim - 1).reshape(x.shape)
 
 
+@functools.lru_cache(maxsize=None)
+def _swapped_rows(a: int, c: int) -> Tensor:
+    """Gather order of the rows of an [a, c] grid read as [c, a]: output row j*a + i is input row i*c + j."""
+    out = np.arange(a * c)
+    return Tensor(((out % a) * c + out // a).astype(np.int32))
+
+
+class SwapAxes12(nn.Cell):
+    """[B, A, C, D] -> [B, C, A, D] (a (0, 2, 1, 3) transpose) as one gather of whole D-rows by a constant order
+    of A*C entries. MindSpore's CPU Transpose kernel keeps an index table of 8 bytes per element for the life
+    of the compiled graph, one per transpose of every layer; this gather keeps none, and runs as fast. Its
+    gradient is the inverse reorder, another such gather: MindSpore's own gradient of a gather would keep about
+    four times the tensor's size per op in a training graph."""
+
+    def construct(self, x):
+        batch, a, c, d = x.shape
+        return ops.gather(x.reshape(batch, a * c, d), _swapped_rows(a, c), 1).reshape(batch, c, a, d)
+
+    def bprop(self, x, out, dout):
+        return (self.construct(dout),)
+
+
+swap_axes_1_2 = SwapAxes12()
+
+
 def apply_rotary(x, cos, signed_sin):
     """x [B, heads, S, D] rotated by position: x*cos + rotate_half(x)*sin, with rotate_half(x) =
     concat(-x[D/2:], x[:D/2]) computed as swap_halves(x) times the sign folded into signed_sin.
-    cos/signed_sin [B, 1, S, D] (see rotary_tables)."""
+    cos/signed_sin of x's shape (see rotary_tables; LlamaModel says why not broadcast)."""
     return x * cos + swap_halves(x) * signed_sin
 
 
@@ -160,7 +187,7 @@ class Attention(nn.Cell):
 
     def _heads(self, x, heads):
         batch, seq, _ = x.shape
-        return x.reshape(batch, seq, heads, self.head_dim).transpose(0, 2, 1, 3)
+        return swap_axes_1_2(x.reshape(batch, seq, heads, self.head_dim))
 
     def _repeat_kv(self, x):
         """[B, K, L, D] -> [B, H, L, D]: query head h uses kv head h // (H/K), as in Hugging Face."""
@@ -171,13 +198,14 @@ class Attention(nn.Cell):
         x = ops.broadcast_to(x.reshape(batch, kv_heads, 1, length, dim), (batch, kv_heads, groups, length, dim))
         return x.reshape(batch, kv_heads * groups, length, dim)
 
-    def construct(self, x, cos, signed_sin, mask, kv_cache=None, cache_index=None, prefix_kv=None):
-        """x [B, S, E]; mask additive float32 [B or 1, 1, S, L]; kv_cache (k, v) [B, K, cache_len, D] with
-        cache_index int32 [B, K, S, 3], the (batch, kv head, slot) where each of the S new keys goes.
+    def construct(self, x, rotary, mask, kv_cache=None, cache_index=None, prefix_kv=None):
+        """x [B, S, E]; rotary ((cos, signed_sin) [B, H, S, D], the same [B, K, S, D]); mask additive float32
+        [B, H, S, L]; kv_cache (k, v) [B, K, cache_len, D] with cache_index int32 [B, K, S, 3], the (batch,
+        kv head, slot) where each of the S new keys goes.
         Returns the output [B, S, E] and the updated cache (or None)."""
         batch, seq, _ = x.shape
-        q = apply_rotary(self._heads(self.wq(x), self.num_heads), cos, signed_sin)
-        k = apply_rotary(self._heads(self.wk(x), self.num_kv_heads), cos, signed_sin)
+        q = apply_rotary(self._heads(self.wq(x), self.num_heads), *rotary[0])
+        k = apply_rotary(self._heads(self.wk(x), self.num_kv_heads), *rotary[1])
         v = self._heads(self.wv(x), self.num_kv_heads)
         new_cache = None
         if kv_cache is not None:
@@ -191,7 +219,7 @@ class Attention(nn.Cell):
         k, v = self._repeat_kv(k), self._repeat_kv(v)
         scores = self.scores_matmul(q, k) * self.scale                   # [B, H, S, L]
         probs = ops.softmax(scores.astype(ms.float32) + mask, -1).astype(self.compute_dtype)
-        out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(batch, seq, -1)
+        out = swap_axes_1_2(ops.matmul(probs, v)).reshape(batch, seq, -1)
         return self.wo(out), new_cache
 
 
@@ -216,9 +244,8 @@ class DecoderLayer(nn.Cell):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype, compute_dtype)
         self.feed_forward = FeedForward(config, param_dtype, compute_dtype)
 
-    def construct(self, x, cos, signed_sin, mask, kv_cache=None, cache_index=None, prefix_kv=None):
-        attended, new_cache = self.attention(self.attention_norm(x), cos, signed_sin, mask, kv_cache, cache_index,
-                                             prefix_kv)
+    def construct(self, x, rotary, mask, kv_cache=None, cache_index=None, prefix_kv=None):
+        attended, new_cache = self.attention(self.attention_norm(x), rotary, mask, kv_cache, cache_index, prefix_kv)
         h = x + attended
         return h + self.feed_forward(self.ffn_norm(h)), new_cache
 
@@ -228,7 +255,7 @@ class LlamaModel(nn.Cell):
 
     def __init__(self, config: ModelConfig, param_dtype, compute_dtype):
         super().__init__()
-        self.compute_dtype = compute_dtype
+        self.compute_dtype, self.num_heads, self.num_kv_heads = compute_dtype, config.num_heads, config.num_kv_heads
         self.tok_embeddings = Embedding(config.vocab_size, config.hidden_size, param_dtype, compute_dtype)
         self.layers = nn.CellList([DecoderLayer(config, param_dtype, compute_dtype)
                                    for _ in range(config.num_layers)])
@@ -239,13 +266,21 @@ class LlamaModel(nn.Cell):
     def construct(self, input_ids, positions, mask, kv_caches=None, cache_index=None, prefix_key_values=None):
         """positions int32 [B or 1, S] index the rotary tables; returns hidden [B, S, E] and new caches."""
         h = self.tok_embeddings(input_ids)
-        cos = ops.gather(self.cos, positions, 0).astype(self.compute_dtype).expand_dims(1)   # [B, 1, S, D]
+        batch, seq = input_ids.shape
+        # Broadcast once here, so that every elementwise op in the layers sees operands of one shape: for a
+        # general broadcast MindSpore's CPU kernels keep an index table of 16 bytes per output element, per op
+        # and for the life of the compiled graph (30 layers x 512 tokens of SmolLM2-135M: about 8 GB).
+        mask = ops.broadcast_to(mask, (batch, self.num_heads, seq, mask.shape[-1]))
+        cos = ops.gather(self.cos, positions, 0).astype(self.compute_dtype).expand_dims(1)   # [B or 1, 1, S, D]
         signed_sin = ops.gather(self.signed_sin, positions, 0).astype(self.compute_dtype).expand_dims(1)
+        rotary = tuple((ops.broadcast_to(cos, (batch, heads, seq, -1)),
+                        ops.broadcast_to(signed_sin, (batch, heads, seq, -1)))
+                       for heads in (self.num_heads, self.num_kv_heads))
         new_caches = ()
         for i, layer in enumerate(self.layers):
             kv_cache = None if kv_caches is None else kv_caches[i]
             prefix_kv = None if prefix_key_values is None else prefix_key_values[i]
-            h, cache = layer(h, cos, signed_sin, mask, kv_cache, cache_index, prefix_kv)
+            h, cache = layer(h, rotary, mask, kv_cache, cache_index, prefix_kv)
             new_caches += (cache,)
         return self.norm_out(h), new_caches
 

@@ -15,6 +15,7 @@ from llama.eval.loading import load_model
 from llama.eval.perplexity import (
     TokenNLL,
     evaluate_perplexity,
+    forward_rows,
     mindformers_perplexity,
     rolling_windows,
     standard_perplexity,
@@ -44,6 +45,12 @@ def test_token_perplexity_matches_transformers_logits(hf_tiny):
     result = standard_perplexity(TokenNLL(model, rows=2), ids)
     assert result["tokens_scored"] == reference.size
     assert result[f"ppl_standard_ctx{ids.shape[1]}"] == pytest.approx(math.exp(reference.mean()), rel=1e-5)
+
+
+def test_token_nll_compiles_one_function_per_model_and_bounds_the_logits(hf_tiny):
+    model = hf_tiny[0]
+    assert TokenNLL(model, rows=1)._nll is TokenNLL(model, rows=2)._nll   # not "compiled again" per instance
+    assert forward_rows(128, 32000) == 32 and forward_rows(512, 49152) == 5 and forward_rows(4096, 128256) == 1
 
 
 def test_mindformers_perplexity_masks_pads_and_averages_batch_means(hf_tiny):

@@ -7,7 +7,7 @@ import mindspore as ms
 from llama.checkpoint import load_checkpoint, params_source
 from llama.config import ModelConfig
 from llama.errors import PipelineError
-from llama.model import LlamaForCausalLM, apply_rotary, rotary_tables
+from llama.model import LlamaForCausalLM, apply_rotary, rotary_tables, swap_axes_1_2
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,18 @@ def test_rotary_is_hugging_faces_rotate_half_formula():
     got = ms.jit(apply_rotary)(ms.Tensor(x), ms.Tensor(cos_table[positions][:, None]),
                                ms.Tensor(signed_sin_table[positions][:, None]))
     np.testing.assert_allclose(got.asnumpy(), expected, atol=1e-6)
+
+
+def test_swap_axes_1_2_and_its_gradient_are_the_transposes_they_replace():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 3, 4)).astype(np.float32)
+    weight = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(ms.jit(swap_axes_1_2)(ms.Tensor(x)).asnumpy(), x.transpose(0, 2, 1, 3))
+
+    def weighted_sum(t):
+        return (swap_axes_1_2(t) * ms.Tensor(weight)).sum()
+
+    np.testing.assert_allclose(ms.jit(ms.grad(weighted_sum))(ms.Tensor(x)).asnumpy(), weight.transpose(0, 2, 1, 3))
 
 
 def test_compiled_forward_matches_pynative(hf_model, input_ids):

@@ -35,7 +35,9 @@ from llama.progress import Progress
 
 CONVENTIONS = ("mindformers", "standard")
 MINDFORMERS_EVAL_BATCH = 1  # pretrain_llama2_7b.yaml: eval_dataset.batch_size comes from runner_config.batch_size
-TOKENS_PER_FORWARD = 4096   # rows per forward = this // row length: bounds the [rows, length, vocab] logits
+# rows per forward = this // (row length * vocab): bounds the float32 [rows, length, vocab] logits and their
+# log-softmax to about 0.5 GB each (4096 tokens of a 32000-word vocabulary, 2666 of SmolLM2's 49152)
+LOGITS_PER_FORWARD = 4096 * 32000
 
 
 class TokenNLL:
@@ -43,17 +45,10 @@ class TokenNLL:
 
     def __init__(self, model, rows: int):
         import mindspore as ms
-        from mindspore import ops
 
         model.set_train(False)
         self.rows, self.vocab_size, self._tensor = rows, model.config.vocab_size, ms.Tensor
-
-        @ms.jit
-        def nll(inputs, targets):
-            log_probs = ops.log_softmax(model(inputs), -1)
-            return -ops.gather_elements(log_probs, -1, targets.expand_dims(-1)).squeeze(-1)
-
-        self._nll = nll
+        self._nll = _compiled_nll(model)
 
     def __call__(self, inputs: np.ndarray, targets: np.ndarray, progress: Progress | None = None) -> np.ndarray:
         """float64 [n, length] NLL for any number of rows, `self.rows` at a time."""
@@ -72,6 +67,20 @@ class TokenNLL:
         return out
 
 
+def _compiled_nll(model):
+    """One jit function per model, kept on it: a new one per TokenNLL would compile its graphs again."""
+    if "_nll_graph" not in vars(model):
+        import mindspore as ms
+        from mindspore import ops
+
+        def nll(inputs, targets):
+            log_probs = ops.log_softmax(model(inputs), -1)
+            return -ops.gather_elements(log_probs, -1, targets.expand_dims(-1)).squeeze(-1)
+
+        model._nll_graph = ms.jit(nll)
+    return model._nll_graph
+
+
 def _pad_rows(rows: np.ndarray, count: int) -> np.ndarray:
     rows = np.ascontiguousarray(rows, dtype=np.int32)
     if len(rows) == count:
@@ -79,8 +88,8 @@ def _pad_rows(rows: np.ndarray, count: int) -> np.ndarray:
     return np.concatenate([rows, np.zeros((count - len(rows), rows.shape[1]), np.int32)])
 
 
-def forward_rows(length: int, tokens_per_forward: int = TOKENS_PER_FORWARD) -> int:
-    return max(1, tokens_per_forward // length)
+def forward_rows(length: int, vocab_size: int, logits_per_forward: int = LOGITS_PER_FORWARD) -> int:
+    return max(1, logits_per_forward // (length * vocab_size))
 
 
 def _loss_and_ppl(prefix: str, loss: float) -> dict:
@@ -190,7 +199,7 @@ def evaluate_perplexity(checkpoint: str | os.PathLike, data: str | os.PathLike, 
                         rolling_window: int | None = None, lm_eval: bool = True,
                         tokenizer: str | os.PathLike | None = None, dtype: str | None = None,
                         model_config: str | None = None, adapter: str | os.PathLike | None = None,
-                        tokens_per_forward: int = TOKENS_PER_FORWARD, show_progress: bool = True) -> dict:
+                        logits_per_forward: int = LOGITS_PER_FORWARD, show_progress: bool = True) -> dict:
     """Perplexity of a checkpoint under `convention` (see the module docstring); returns a flat result dict.
 
     mindformers: `data` is a records folder from `preprocess wiki --mode mindformers`; `batch_size` is
@@ -220,7 +229,7 @@ def evaluate_perplexity(checkpoint: str | os.PathLike, data: str | os.PathLike, 
         _check_context(length, config.max_position_embeddings, label)
         with Progress(f"perplexity ({label})", total=rows_total * length, unit="tokens",
                       enabled=show_progress) as progress:
-            return compute(TokenNLL(model, forward_rows(length, tokens_per_forward)), progress)
+            return compute(TokenNLL(model, forward_rows(length, config.vocab_size, logits_per_forward)), progress)
 
     if records:
         rows = read_columns(data)["input_ids"]
@@ -243,7 +252,7 @@ def evaluate_perplexity(checkpoint: str | os.PathLike, data: str | os.PathLike, 
         rolling = rolling_window or config.max_position_embeddings
         _check_context(rolling, config.max_position_embeddings, "rolling window")
         with Progress("perplexity (lm-eval rolling)", unit="tokens", enabled=show_progress) as progress:
-            fn = TokenNLL(model, forward_rows(rolling, tokens_per_forward))
+            fn = TokenNLL(model, forward_rows(rolling, config.vocab_size, logits_per_forward))
             result.update(lm_eval_wikitext(fn, text, tok, rolling, progress))
     return result
 
