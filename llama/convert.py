@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from llama.cli import add_command
+from llama.yamlconfig import DTYPES
 
 FORMATS = {"ckpt": "MindSpore .ckpt", "safetensors": "MindSpore .safetensors", "hf": "Hugging Face safetensors"}
 
@@ -24,7 +25,7 @@ def run_convert(args) -> dict:
     model_config = ModelConfig.load(args.model_config) if args.model_config else None
     source = open_checkpoint(args.input, model_config)
     manifest = write_checkpoint(source, args.output, args.to, args.dtype, args.tokenizer, args.overwrite,
-                                shard_bytes=int(args.shard_gb * (1 << 30)))
+                                shard_bytes=int(args.shard_gb * (1 << 30)), allow_nonfinite=args.allow_nonfinite)
     return {
         "output": str(args.output),
         "source_format": source.kind,
@@ -47,7 +48,9 @@ def register(subparsers) -> None:
                         help="ckpt / safetensors: MindSpore with MindFormers names; hf: Hugging Face")
     parser.add_argument("--model-config", help="model config for weights that carry none (a bare .ckpt): a name in "
                                                "configs/model, our YAML, HF config.json or a MindFormers YAML")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast weights (default: keep)")
+    parser.add_argument("--dtype", choices=DTYPES, help="cast weights (default: keep)")
     parser.add_argument("--tokenizer", help="sentencepiece tokenizer.model to store with the weights")
     parser.add_argument("--shard-gb", type=float, default=4.0, help="largest weight file, in GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="convert weights holding NaN or Inf (refused by default), with a warning naming them")

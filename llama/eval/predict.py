@@ -55,16 +55,18 @@ def predict(checkpoint: str | os.PathLike, prompts: list[str], *, max_new_tokens
 
     Batch b samples with seed `seed + b * batch_size`, so a run is reproducible for the same batch size.
     """
-    from llama.generate import generate
+    from llama.generate import check_sampling, generate
 
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not prompts:
         raise PipelineError("no prompts given")
     if batch_size < 1:
         raise PipelineError(f"batch size must be at least 1, got {batch_size}")
     if output is not None:
         check_output_free(output, overwrite)
-    model, _ = load_model(checkpoint, dtype, model_config)
+    model, config = load_model(checkpoint, dtype, model_config)
     tok = load_tokenizer(checkpoint, tokenizer)
+    config.check_fits(f"tokenizer {tok.path}", vocab_size=tok.vocab_size)
     completions, new_tokens, start = [], 0, time.monotonic()
     for first in range(0, len(prompts), batch_size):
         batch = prompts[first:first + batch_size]

@@ -270,6 +270,8 @@ def run_worker(config: TrainConfig, output_dir: str | os.PathLike, resume: bool 
     batches = load_batches(config, world)
     total_steps = count_steps(config, len(batches.input_ids))
     network = build_network(config)
+    network.model_config.check_fits(f"records {config.data.train}", ids=batches.input_ids,
+                                    length=batches.input_ids.shape[1] - 1)  # rows are inputs + the next token
     net = network.net
     net.set_train(True)
     stepper = Stepper(net, network.model_config.pad_token_id, config.optimizer, config.training.max_grad_norm,
@@ -352,6 +354,7 @@ def run_worker(config: TrainConfig, output_dir: str | os.PathLike, resume: bool 
     }
     if rank == 0:
         write_json_atomic(output_dir / RESULT_FILE, result)
+        checkpointing.write_run_manifest(output_dir, (CONFIG_FILE, METRICS_FILE, RESULT_FILE))
     return result
 
 
