@@ -29,19 +29,21 @@ def _checked(args, check) -> None:
 
 
 def _prepare_data(args) -> dict:
-    from flows.common import load_flow_config
-    from flows.prepare_data import prepare_data
+    from llama.pipeline_config import load_flow_config
 
     _checked(args, load_flow_config)
+    from flows.prepare_data import prepare_data
+
     return prepare_data(config=args.config, overrides=args.overrides, work_dir=args.work_dir, mirror=args.mirror)
 
 
 def _run(args) -> dict:
-    from flows.common import check_pipeline_config
+    from llama.pipeline_config import check_pipeline_config
+
+    _checked(args, check_pipeline_config)
     from flows.pipeline import pipeline
     from tasks.tracking import tracking_uri
 
-    _checked(args, check_pipeline_config)
     result = pipeline(config=args.config, overrides=args.overrides, work_dir=args.work_dir, mirror=args.mirror)
     result["mlflow_ui"] = f"mlflow ui --backend-store-uri {tracking_uri()}"
     return result
@@ -49,10 +51,11 @@ def _run(args) -> dict:
 
 def _serve(args) -> dict:
     """Serve the pipeline as a Prefect deployment on a cron schedule (blocks until interrupted)."""
-    from flows.common import check_pipeline_config
-    from flows.pipeline import pipeline
+    from llama.pipeline_config import check_pipeline_config
 
     _checked(args, check_pipeline_config)
+    from flows.pipeline import pipeline
+
     parameters = {"config": args.config, "overrides": args.overrides, "work_dir": args.work_dir, "mirror": args.mirror}
     pipeline.serve(name=args.name, cron=args.cron or None, parameters=parameters,
                    description=f"Retrain and evaluate {args.config} on a schedule")

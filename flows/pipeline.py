@@ -20,10 +20,11 @@ import subprocess
 from prefect import flow, runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import REPO, Inputs, check_pipeline_config, outcome
+from flows.common import REPO, Inputs, outcome
 from flows.prepare_data import prepare_data
 from llama.config import CONFIG_DIR
 from llama.errors import PipelineError
+from llama.pipeline_config import check_pipeline_config
 from llama.train.config import load_train_config
 from llama.yamlconfig import as_overrides, resolve_path
 from tasks import evaluate, model, train

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import Inputs, load_flow_config, outcome
+from flows.common import Inputs, outcome
 from llama.fileio import MANIFEST, sha256_file
+from llama.pipeline_config import load_flow_config
 from tasks.data import preprocess
 from tasks.tracking import Run
 

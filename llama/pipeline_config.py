@@ -1,13 +1,15 @@
 """Schemas of the flow configs: configs/data/*.yaml (`prepare-data`) and configs/pipeline/*.yaml (`run`).
 
-The flows read these files as plain mappings; the schemas check every key, type and range first, so that a
-misspelt key or an impossible value is a one-line error before a Prefect server starts. Input names (a source
-of the sources file, or a path) and training settings are checked by flows.common.check_pipeline_config.
+The flows read these files as plain mappings; `load_flow_config` checks every key, type and range first and
+`check_pipeline_config` also what a pipeline config names (its data config, the training recipe with its
+settings, input files), so that a mistake is a one-line error before a Prefect server starts. This module
+imports no Prefect, so the CLI runs these checks before importing it.
 """
 
 from __future__ import annotations
 
 from dataclasses import field
+from pathlib import Path
 from typing import Annotated, Literal, Union
 
 from pydantic import Field, Strict
@@ -15,7 +17,13 @@ from pydantic.dataclasses import dataclass
 
 from llama.data.squad import MODES as SQUAD_MODES, QUESTIONS
 from llama.data.wiki import MODES as WIKI_MODES
-from llama.yamlconfig import SCHEMA, Dtype, NonNegativeFloat, NonNegativeInt, PositiveInt
+from llama.download import load_sources
+from llama.errors import PipelineError
+from llama.train.config import load_train_config
+from llama.yamlconfig import (SCHEMA, Dtype, NonNegativeFloat, NonNegativeInt, PositiveInt, apply_overrides,
+                              as_overrides, build, load_yaml, resolve_path)
+
+REPO = Path(__file__).resolve().parent.parent
 
 FORMATS = Literal["ckpt", "safetensors", "hf"]
 NucleusMass = Annotated[float, Strict(), Field(gt=0, le=1)]
@@ -131,3 +139,54 @@ class PipelineConfig:
     merge: MergeSettings = field(default_factory=MergeSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     register: RegisterSettings | None = None
+
+
+def load_flow_config(config: str, overrides: list[str] | None = None, schema=None) -> tuple[dict, Path]:
+    """The config mapping with overrides applied and checked against `schema`, and the folder its relative
+    paths are resolved against."""
+    path = Path(config)
+    if not path.is_absolute() and not path.exists() and (REPO / path).exists():
+        path = REPO / path  # configs/... works from any working folder
+    settings = apply_overrides(load_yaml(path), overrides or [])
+    build(schema or DataConfig, settings, f"config {path}")
+    return settings, path.resolve().parent
+
+
+def check_pipeline_config(config: str, overrides: list[str] | None = None) -> tuple[dict, Path]:
+    """`load_flow_config` of a pipeline config, and of everything it names: the data config, the training
+    recipe with its settings, the input files. A mistake in any is a one-line error before a Prefect server
+    starts or a stage runs."""
+    settings, base = load_flow_config(config, overrides, PipelineConfig)
+    data, data_base = load_flow_config(str(resolve_path(settings["data"], base)), schema=DataConfig)
+    sources, data_sources = _sources(settings, base), _sources(data, data_base)
+    for value in (data["tokenizer"], *(spec["input"] for spec in data["datasets"].values())):
+        check_input(value, data_sources, data_base)
+    model = settings["model"]
+    for value in (model["weights"], model.get("tokenizer")):
+        if value is not None:
+            check_input(value, sources, base)
+    train = settings.get("train")
+    if train:
+        if train["dataset"] not in data["datasets"]:
+            raise PipelineError(f"train.dataset {train['dataset']!r} is not a dataset of {settings['data']}")
+        load_train_config(resolve_path(train["recipe"], base), as_overrides(train.get("set") or {}))
+    evaluations = settings.get("evaluate") or {}
+    for options in [*(evaluations.get("perplexity") or {}).values(), evaluations.get("squad") or {}]:
+        if options.get("data") and options["data"] not in data["datasets"]:
+            check_input(options["data"], sources, base)
+    return settings, base
+
+
+def check_input(value: str, sources: dict, base: Path) -> str:
+    """An input named in a config: `value` itself if it is a source of the sources file, else its existing path
+    (relative to the config's folder); a one-line error otherwise."""
+    if value in sources:
+        return value
+    path = resolve_path(value, base)
+    if not path.exists():
+        raise PipelineError(f"input {value!r} is neither a source in the sources file nor an existing path")
+    return str(path)
+
+
+def _sources(settings: dict, base: Path) -> dict:
+    return load_sources(resolve_path(settings["sources"], base)) if settings.get("sources") else {}

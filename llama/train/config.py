@@ -138,7 +138,11 @@ class TrainConfig:
         TrainConfig.from_dict(self.to_dict())
 
     def require_inputs(self) -> None:
-        """Recipes leave data and weights open; a run needs them."""
+        """Recipes leave data and weights open; a run needs them, and a model config that loads."""
+        from llama.config import ModelConfig
+
+        if self.model.config:
+            ModelConfig.load(self.model.config)
         if not self.data.train:
             raise PipelineError("train config: set data.train to a records folder written by `preprocess`")
         if self.run_mode == "finetune" and not self.model.checkpoint:
