@@ -408,13 +408,13 @@ def _read_meta(folder: Path) -> tuple[dict[str, Entry], ModelConfig]:
     if vocab <= 0:
         vocab = entries["model.tok_embeddings.embedding_weight"].shape[0]
     heads = params["n_heads"]
-    config = ModelConfig(
+    config = ModelConfig.from_dict(dict(
         vocab_size=vocab, hidden_size=params["dim"], num_layers=params["n_layers"], num_heads=heads,
         num_kv_heads=params.get("n_kv_heads") or heads, rms_norm_eps=params.get("norm_eps", 1e-5),
         rope_theta=params.get("rope_theta", 10000.0),
         intermediate_size=llama_intermediate_size(params["dim"], params.get("multiple_of", 256),
                                                   params.get("ffn_dim_multiplier")),
-        param_dtype=str(first.dtype) if str(first.dtype) in NP_DTYPES else "float32")
+        param_dtype=str(first.dtype) if str(first.dtype) in NP_DTYPES else "float32"), f"{folder}/params.json")
     return _permute_qk(entries, config), config
 
 
@@ -758,9 +758,10 @@ def params_source(model_or_params, config: ModelConfig) -> Source:
 def save_checkpoint(model_or_params, out_dir: str | os.PathLike, config: ModelConfig, fmt: str = "ckpt",
                     tokenizer: str | os.PathLike | None = None, dtype: str | None = None,
                     overwrite: bool = False) -> dict:
-    """Save a model or parameter dict as a verified folder (see the module docstring); return its manifest."""
+    """Save a model or parameter dict as a verified folder (see the module docstring); return its manifest.
+    Non-finite weights (a diverged run being merged) are saved as they are, with a warning naming them."""
     return write_checkpoint(params_source(model_or_params, config), out_dir, fmt, dtype, tokenizer, overwrite,
-                            progress=False)
+                            progress=False, allow_nonfinite=True)
 
 
 def load_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = None, dtype: str | None = None):
