@@ -120,10 +120,11 @@ def build(schema, data, where: str):
 def describe(err: ValidationError) -> str:
     """The first error of a validation as `key.path: what is wrong (got value)`."""
     first = err.errors(include_url=False)[0]
-    *section, leaf = [str(part) for part in first["loc"]] or ["settings"]
+    *section, leaf = [str(part) for part in first["loc"] if part != "[key]"] or ["settings"]
     if first["type"] == "unexpected_keyword_argument":
         return f"unknown setting {leaf}" + (f" in {'.'.join(section)}" if section else "")
     if first["type"] == "missing":
         return f"{'.'.join([*section, leaf])} is required"
     message = first["msg"][0].lower() + first["msg"][1:]
-    return f"{'.'.join([*section, leaf])}: {message} (got {first['input']!r})"
+    got = "" if isinstance(first["input"], (dict, list)) else f" (got {first['input']!r})"
+    return f"{'.'.join([*section, leaf])}: {message}{got}"
