@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from llama.cli import add_command
 
 
@@ -13,13 +15,32 @@ def _add_flow_options(parser, default_config: str) -> None:
                         help="config overrides, e.g. train.set.optimizer.learning_rate=1e-3")
 
 
+def _checked(args, check) -> None:
+    """Check the config (and what it names) before a Prefect server starts. Without --debug, a failed stage
+    then shows as the `error:` line, last: Prefect's report of the exception (traceback, failed states) and the
+    temporary server's goodbye at exit are kept for --debug."""
+    check(args.config, args.overrides)
+    if args.debug:
+        return
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(lambda record: record.levelno < logging.ERROR and not record.exc_info)
+    logging.getLogger("prefect").addFilter(
+        lambda record: not record.getMessage().startswith("Stopping temporary server"))
+
+
 def _prepare_data(args) -> dict:
+    from llama.pipeline_config import load_flow_config
+
+    _checked(args, load_flow_config)
     from flows.prepare_data import prepare_data
 
     return prepare_data(config=args.config, overrides=args.overrides, work_dir=args.work_dir, mirror=args.mirror)
 
 
 def _run(args) -> dict:
+    from llama.pipeline_config import check_pipeline_config
+
+    _checked(args, check_pipeline_config)
     from flows.pipeline import pipeline
     from tasks.tracking import tracking_uri
 
@@ -30,6 +51,9 @@ def _run(args) -> dict:
 
 def _serve(args) -> dict:
     """Serve the pipeline as a Prefect deployment on a cron schedule (blocks until interrupted)."""
+    from llama.pipeline_config import check_pipeline_config
+
+    _checked(args, check_pipeline_config)
     from flows.pipeline import pipeline
 
     parameters = {"config": args.config, "overrides": args.overrides, "work_dir": args.work_dir, "mirror": args.mirror}

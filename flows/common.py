@@ -1,4 +1,5 @@
-"""What every flow shares: reading its config, and telling which tasks ran and which came from cache."""
+"""What every flow shares: reading and checking its config, and telling which tasks ran and which came from
+cache."""
 
 from __future__ import annotations
 
@@ -7,19 +8,9 @@ from pathlib import Path
 from prefect.futures import PrefectFuture
 
 from llama.download import load_sources
-from llama.errors import PipelineError
-from llama.yamlconfig import apply_overrides, load_yaml, resolve_path
+from llama.pipeline_config import REPO, check_input
+from llama.yamlconfig import resolve_path
 from tasks.data import download_source
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_flow_config(config: str, overrides: list[str] | None = None) -> tuple[dict, Path]:
-    """The config mapping with overrides applied, and the folder its relative paths are resolved against."""
-    path = Path(config)
-    if not path.is_absolute() and not path.exists() and (REPO / path).exists():
-        path = REPO / path  # configs/... works from any working folder
-    return apply_overrides(load_yaml(path), overrides or []), path.resolve().parent
 
 
 def outcome(future: PrefectFuture) -> str:
@@ -43,10 +34,8 @@ class Inputs:
             if value not in self.downloads:
                 self.downloads[value] = download_source.submit(self.sources[value], self.cache_dir, self.mirror)
             return self.downloads[value]
-        path = resolve_path(value, self.base)
-        if not path.exists():
-            raise PipelineError(f"input {value!r} is neither a source in the sources file nor an existing path")
-        return str(path)
+        return check_input(value, self.sources, self.base)
+
 
     def outcomes(self) -> dict[str, str]:
         return {f"download-{name}": outcome(job) for name, job in self.downloads.items()}

@@ -20,10 +20,11 @@ import subprocess
 from prefect import flow, runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import REPO, Inputs, load_flow_config, outcome
+from flows.common import REPO, Inputs, outcome
 from flows.prepare_data import prepare_data
 from llama.config import CONFIG_DIR
 from llama.errors import PipelineError
+from llama.pipeline_config import check_pipeline_config
 from llama.train.config import load_train_config
 from llama.yamlconfig import as_overrides, resolve_path
 from tasks import evaluate, model, train
@@ -90,7 +91,7 @@ def _summarize_in_prefect(stage: str, how: str, result: dict) -> None:
 def pipeline(config: str = "configs/pipeline/demo.yaml", overrides: list[str] | None = None,
              work_dir: str = "work", mirror: str | None = None) -> dict:
     """Prepare data, convert weights, train, merge, evaluate and register, as the config says."""
-    settings, base = load_flow_config(config, overrides)
+    settings, base = check_pipeline_config(config, overrides)
     name = settings.get("name", "pipeline")
     stages = Stages(name, settings)
     try:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import Inputs, load_flow_config, outcome
-from llama.errors import PipelineError
+from flows.common import Inputs, outcome
 from llama.fileio import MANIFEST, sha256_file
+from llama.pipeline_config import load_flow_config
 from tasks.data import preprocess
 from tasks.tracking import Run
 
@@ -25,17 +25,12 @@ DATASET_KEYS = ("kind", "input")
 def prepare_data(config: str = "configs/data/demo.yaml", overrides: list[str] | None = None,
                  work_dir: str = "work", mirror: str | None = None, parent_run_id: str | None = None) -> dict:
     """Download → tokenize → MindRecord for every dataset in the config; returns their summaries."""
-    settings, base = load_flow_config(config, overrides)
-    datasets = settings.get("datasets") or {}
-    if not datasets:
-        raise PipelineError(f"config {config} lists no datasets")
+    settings, base = load_flow_config(config, overrides)  # checked: datasets is a non-empty mapping of specs
+    datasets = settings["datasets"]
     resolve = Inputs(settings, base, work_dir, mirror)
     tokenizer = resolve(settings["tokenizer"])
     jobs = {}
     for name, spec in datasets.items():
-        missing = [key for key in DATASET_KEYS if key not in spec]
-        if missing:
-            raise PipelineError(f"dataset {name} has no {', '.join(missing)}")
         options = {k: v for k, v in spec.items() if k not in DATASET_KEYS}
         jobs[name] = preprocess.submit(name, spec["kind"], resolve(spec["input"]), tokenizer, options, work_dir)
 

@@ -39,6 +39,7 @@ import pickle
 import re
 import shutil
 import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,9 @@ MS_TYPES = {"Float64": np.float64, "Float32": np.float32, "Float16": np.float16,
             "Int64": np.int64, "Int32": np.int32, "Int16": np.int16, "Int8": np.int8, "UInt8": np.uint8,
             "Bool": np.bool_}
 ST_NAMES = {np.dtype(v): k for k, v in ST_DTYPES.items()}
+# A float is NaN or Inf when its exponent bits are all ones: (bits without the sign) >= this, per float dtype.
+NONFINITE_BITS = {np.dtype(np.float64): (np.uint64, 0x7FF0000000000000), np.dtype(np.float32): (np.uint32, 0x7F800000),
+                  np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80)}
 MS_NAMES = {np.dtype(v): k for k, v in MS_TYPES.items()}
 
 # Hugging Face <-> MindFormers names (MindFormers renames only; see docs/reference.md).
@@ -408,13 +412,13 @@ def _read_meta(folder: Path) -> tuple[dict[str, Entry], ModelConfig]:
     if vocab <= 0:
         vocab = entries["model.tok_embeddings.embedding_weight"].shape[0]
     heads = params["n_heads"]
-    config = ModelConfig(
+    config = ModelConfig.from_dict(dict(
         vocab_size=vocab, hidden_size=params["dim"], num_layers=params["n_layers"], num_heads=heads,
         num_kv_heads=params.get("n_kv_heads") or heads, rms_norm_eps=params.get("norm_eps", 1e-5),
         rope_theta=params.get("rope_theta", 10000.0),
         intermediate_size=llama_intermediate_size(params["dim"], params.get("multiple_of", 256),
                                                   params.get("ffn_dim_multiplier")),
-        param_dtype=str(first.dtype) if str(first.dtype) in NP_DTYPES else "float32")
+        param_dtype=str(first.dtype) if str(first.dtype) in NP_DTYPES else "float32"), f"{folder}/params.json")
     return permute_qk(entries, config), config
 
 
@@ -610,6 +614,21 @@ def _tensor_bytes(entry: Entry, target: np.dtype | None, buffers: list[memoryvie
     yield memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
+def _noting_nonfinite(chunks: Iterable[memoryview], dtype: np.dtype, note: Callable[[], None]) -> Iterable[memoryview]:
+    """Pass a tensor's byte chunks through, calling `note()` once if any float in them is NaN or Inf. Checked on
+    the bits (about 1 GB/s) so that streaming stays cheap; chunks hold whole elements."""
+    bits = NONFINITE_BITS.get(np.dtype(dtype))
+    seen = bits is None
+    for chunk in chunks:
+        if not seen:
+            uint, exponent = bits
+            words = np.frombuffer(chunk, dtype=uint)
+            if words.size and (words & (np.iinfo(uint).max >> 1)).max() >= exponent:
+                seen = True
+                note()
+        yield chunk
+
+
 def _write_ckpt_tensor(writer: _HashingWriter, name: str, entry: Entry, chunks: Iterable[memoryview]) -> None:
     """MindSpore's record stream: records of at most CKPT_SLICE_BYTES, each with the full shape and type."""
     total, written, left_in_record = entry.nbytes, 0, 0
@@ -657,12 +676,14 @@ def _shard_names(count: int, stem: str, suffix: str) -> list[str]:
 
 def write_checkpoint(source: Source, out_dir: str | os.PathLike, fmt: str = "ckpt", dtype: str | None = None,
                      tokenizer: str | os.PathLike | None = None, overwrite: bool = False,
-                     shard_bytes: int = SHARD_BYTES, progress: bool = True) -> dict:
+                     shard_bytes: int = SHARD_BYTES, progress: bool = True, allow_nonfinite: bool = False) -> dict:
     """Write `source` as a MindSpore ("ckpt", "safetensors") or Hugging Face ("hf") folder; return its manifest.
 
     `dtype` casts every tensor (e.g. "bfloat16"); None keeps each tensor's own dtype. `tokenizer` (a
     tokenizer.model, a tokenizer.json or a folder holding one; default: the source's) is opened, so a bad one is
     refused before anything is written, and its files are copied (a folder's: every tokenizer file in it).
+    Tensors holding NaN or Inf (damaged or diverged weights) are refused, naming them, unless
+    `allow_nonfinite` (then a warning).
     """
     if fmt not in ("ckpt", "safetensors", "hf"):
         raise PipelineError(f"unknown output format {fmt!r} (ckpt, safetensors or hf)")
@@ -678,14 +699,15 @@ def write_checkpoint(source: Source, out_dir: str | os.PathLike, fmt: str = "ckp
     buffers = [memoryview(bytearray(COPY_CHUNK)), memoryview(bytearray(COPY_CHUNK))]
     with atomic_dir(out_dir, overwrite) as tmp, ThreadPoolExecutor(1) as pool, \
             Progress("convert", total=total, unit="B", enabled=progress) as bar:
-        digests = {}
+        digests, nonfinite = {}, []
         for file, shard in zip(files, shards):
             writer = _HashingWriter(tmp / file, pool)
             if fmt != "ckpt":
                 plan = [(names[name], entry.shape, entry.dtype) for name, entry in shard]
                 writer.write(_safetensors_header(plan, {"format": "pt" if hf else "ms"}))
             for name, entry in shard:
-                chunks = _tensor_bytes(source.entries[name], target, buffers)
+                chunks = _noting_nonfinite(_tensor_bytes(source.entries[name], target, buffers), entry.dtype,
+                                           lambda name=name: nonfinite.append(name))
                 if fmt == "ckpt":
                     _write_ckpt_tensor(writer, names[name], entry, chunks)
                 else:
@@ -693,6 +715,12 @@ def write_checkpoint(source: Source, out_dir: str | os.PathLike, fmt: str = "ckp
                         writer.write(chunk)
                 bar.update(entry.nbytes)
             digests[file] = writer.close()
+        if nonfinite:
+            listed = ", ".join(nonfinite[:5]) + (f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else "")
+            if not allow_nonfinite:
+                raise PipelineError(f"{source.path}: {len(nonfinite)} tensors hold NaN or Inf ({listed}); "
+                                    "pass --allow-nonfinite to convert them anyway")
+            print(f"warning: {len(nonfinite)} tensors hold NaN or Inf: {listed}", file=sys.stderr)
         if hf:
             write_json_atomic(tmp / "config.json", config.to_hf_config())
             write_json_atomic(tmp / "generation_config.json", {
@@ -761,9 +789,10 @@ def params_source(model_or_params, config: ModelConfig) -> Source:
 def save_checkpoint(model_or_params, out_dir: str | os.PathLike, config: ModelConfig, fmt: str = "ckpt",
                     tokenizer: str | os.PathLike | None = None, dtype: str | None = None,
                     overwrite: bool = False) -> dict:
-    """Save a model or parameter dict as a verified folder (see the module docstring); return its manifest."""
+    """Save a model or parameter dict as a verified folder (see the module docstring); return its manifest.
+    Non-finite weights (a diverged run being merged) are saved as they are, with a warning naming them."""
     return write_checkpoint(params_source(model_or_params, config), out_dir, fmt, dtype, tokenizer, overwrite,
-                            progress=False)
+                            progress=False, allow_nonfinite=True)
 
 
 def load_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = None, dtype: str | None = None):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 from llama.cli import add_command
+from llama.yamlconfig import DTYPES
 
 FORMATS = {"ckpt": "MindSpore .ckpt", "safetensors": "MindSpore .safetensors", "hf": "Hugging Face safetensors"}
 
@@ -27,7 +28,7 @@ def run_convert(args) -> dict:
     model_config = ModelConfig.load(args.model_config) if args.model_config else None
     source = open_checkpoint(args.input, model_config)
     manifest = write_checkpoint(source, args.output, args.to, args.dtype, args.tokenizer, args.overwrite,
-                                shard_bytes=int(args.shard_gb * (1 << 30)))
+                                shard_bytes=int(args.shard_gb * (1 << 30)), allow_nonfinite=args.allow_nonfinite)
     return {
         "output": str(args.output),
         "source_format": source.kind,
@@ -50,9 +51,11 @@ def register(subparsers) -> None:
                         help="ckpt / safetensors: MindSpore with MindFormers names; hf: Hugging Face")
     parser.add_argument("--model-config", help="model config for weights that carry none (a bare .ckpt): a name in "
                                                "configs/model, our YAML, HF config.json or a MindFormers YAML")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+    parser.add_argument("--dtype", choices=DTYPES,
                         help="cast weights (default: keep; GGUF: float32)")
     parser.add_argument("--tokenizer", help="tokenizer to store with the weights: tokenizer.model, tokenizer.json "
                                             "or a folder holding one (default: the tokenizer files next to the input)")
     parser.add_argument("--shard-gb", type=float, default=4.0, help="largest weight file, in GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="convert weights holding NaN or Inf (refused by default), with a warning naming them")

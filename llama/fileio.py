@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -56,9 +57,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 def check_output_free(path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse to replace an existing output unless the user asked for it."""
-    if Path(path).exists() and not overwrite:
+    """Before any work: refuse to replace an existing output unless the user asked for it, and an output that
+    cannot be written (an OSError naming the folder and the cause: a file where a folder should be, a read-only
+    file system, no permission)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
         raise PipelineError(f"output {path} already exists (use --overwrite to replace it)")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".probe", dir=folder))
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(folder)) from None
 
 
 @contextlib.contextmanager

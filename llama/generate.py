@@ -30,6 +30,19 @@ PROMPT_BUCKET = 16
 CACHE_BUCKET = 64
 
 
+def check_sampling(max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> None:
+    """One-line errors for settings that mean nothing, before a model is loaded: no new tokens, a negative
+    temperature, a negative k, a nucleus outside (0, 1]."""
+    if max_new_tokens < 1:
+        raise PipelineError(f"max new tokens must be at least 1, got {max_new_tokens}")
+    if not temperature >= 0 or temperature == float("inf"):
+        raise PipelineError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if top_k < 0:
+        raise PipelineError(f"top-k must be >= 0 (0: all tokens), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise PipelineError(f"top-p must be in (0, 1], got {top_p}")
+
+
 def _sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng) -> np.ndarray:
     """Next token per row of float32 logits [B, V]."""
     if temperature <= 0:

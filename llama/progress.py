@@ -71,5 +71,8 @@ class Progress:
     def __enter__(self) -> "Progress":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        elif self.enabled and self.tty and self.done:
+            self.stream.write("\n")  # end the progress line; the error says the rest, on a line of its own

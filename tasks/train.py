@@ -20,8 +20,9 @@ STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "loss_scale")
 
 
 def training_intact(folder: Path) -> bool:
-    """A finished run: its result and the final checkpoint of every rank verify."""
+    """A finished run: its result (in the run's manifest) and the final checkpoint of every rank verify."""
     try:
+        checkpointing.verify_run(folder)
         result = json.loads((folder / RESULT_FILE).read_text())
         for rank in range(result["world_size"]):
             checkpointing.verify(checkpointing.step_dir(folder, rank, result["steps"]))

@@ -4,20 +4,20 @@ from pathlib import Path
 
 import pytest
 
-from flows.common import load_flow_config
 from llama.download import load_sources
+from llama.pipeline_config import DataConfig, PipelineConfig, load_flow_config
 from llama.train.config import load_train_config
-from llama.yamlconfig import as_overrides, load_yaml, resolve_path
+from llama.yamlconfig import as_overrides, resolve_path
 
 PIPELINES = sorted((Path(__file__).resolve().parent.parent / "configs" / "pipeline").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.stem)
 def test_pipeline_config_is_consistent(path):
-    settings, base = load_flow_config(str(path))
+    settings, base = load_flow_config(str(path), schema=PipelineConfig)
     sources = load_sources(resolve_path(settings["sources"], base))
     data_path = resolve_path(settings["data"], base)
-    data = load_yaml(data_path)
+    data, _ = load_flow_config(str(data_path), schema=DataConfig)
     datasets = data["datasets"]
     assert data["tokenizer"] in load_sources(resolve_path(data["sources"], data_path.parent))
     assert settings["model"]["tokenizer"] in sources

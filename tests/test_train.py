@@ -31,9 +31,9 @@ def test_every_recipe_loads_and_the_seed_values_are_kept():
 def test_overrides_and_unknown_settings(tmp_path):
     config = load_train_config(REPO / "configs/train/tiny_pretrain.yaml", ["data.batch_size=2", "data.train=rel/dir"])
     assert config.data.batch_size == 2 and config.data.train == str(Path.cwd() / "rel/dir")
-    with pytest.raises(PipelineError, match="unknown setting lr"):
+    with pytest.raises(PipelineError, match="unknown setting lr in optimizer"):
         TrainConfig.from_dict({"optimizer": {"lr": 1}})
-    with pytest.raises(PipelineError, match="data.batch_size must be a positive integer"):
+    with pytest.raises(PipelineError, match="data.batch_size: input should be greater than or equal to 1"):
         TrainConfig.from_dict({"data": {"batch_size": 0}})
 
 

@@ -13,6 +13,7 @@ Layout of a folder (kind "wiki", seq_length 4096):
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -155,11 +156,16 @@ def _write_mindrecord(path: Path, arrays: dict[str, np.ndarray], kind: str, prog
     writer = FileWriter(file_name=str(path), shard_num=1)
     writer.add_schema({name: {"type": "int32", "shape": [-1]} for name in arrays}, kind)
     rows = len(next(iter(arrays.values())))
-    for first in range(0, rows, WRITE_BATCH):
-        last = min(first + WRITE_BATCH, rows)
-        writer.write_raw_data([{name: values[i] for name, values in arrays.items()} for i in range(first, last)])
-        progress.update(last - first)
-    writer.commit()
+    try:
+        for first in range(0, rows, WRITE_BATCH):
+            last = min(first + WRITE_BATCH, rows)
+            writer.write_raw_data([{name: values[i] for name, values in arrays.items()} for i in range(first, last)])
+            progress.update(last - first)
+        writer.commit()
+    except RuntimeError as err:  # MindSpore reports a full disk as a page-long RuntimeError
+        if "No free disk" in str(err):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path.parent)) from err
+        raise
 
 
 def _write_parquet(path: Path, arrays: dict[str, np.ndarray]) -> None:

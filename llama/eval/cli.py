@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from llama.cli import add_command
-
-DTYPES = ("float32", "float16", "bfloat16")
+from llama.yamlconfig import DTYPES
 
 
 def _model_arguments(parser) -> None:

@@ -47,15 +47,13 @@ class TokenNLL:
         import mindspore as ms
 
         model.set_train(False)
-        self.rows, self.vocab_size, self._tensor = rows, model.config.vocab_size, ms.Tensor
+        self.rows, self.config, self._tensor = rows, model.config, ms.Tensor
         self._nll = _compiled_nll(model)
 
     def __call__(self, inputs: np.ndarray, targets: np.ndarray, progress: Progress | None = None) -> np.ndarray:
         """float64 [n, length] NLL for any number of rows, `self.rows` at a time."""
-        if inputs.size and (inputs.max() >= self.vocab_size or targets.max() >= self.vocab_size
-                            or min(inputs.min(), targets.min()) < 0):
-            raise PipelineError(f"token ids outside the model's vocabulary of {self.vocab_size}: "
-                                "data and checkpoint use different tokenizers")
+        self.config.check_fits("data", ids=inputs)
+        self.config.check_fits("data", ids=targets)
         out = np.empty(inputs.shape, dtype=np.float64)
         for start in range(0, len(inputs), self.rows):
             stop = min(start + self.rows, len(inputs))
@@ -209,6 +207,9 @@ def evaluate_perplexity(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     """
     if convention not in CONVENTIONS:
         raise PipelineError(f"unknown convention {convention!r} (choose from {', '.join(CONVENTIONS)})")
+    for name, value in (("window", window), ("rolling window", rolling_window)):
+        if value is not None and value < 2:  # None: the model's context
+            raise PipelineError(f"{name} must hold at least 2 tokens, got {value}")
     data = Path(data)
     if not data.exists():
         raise PipelineError(f"data {data} does not exist")
@@ -226,7 +227,7 @@ def evaluate_perplexity(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     result = {"convention": convention, "checkpoint": str(checkpoint), "data": str(data)}
 
     def run(label: str, rows_total: int, length: int, compute):
-        _check_context(length, config.max_position_embeddings, label)
+        config.check_fits(label, length=length)
         with Progress(f"perplexity ({label})", total=rows_total * length, unit="tokens",
                       enabled=show_progress) as progress:
             return compute(TokenNLL(model, forward_rows(length, config.vocab_size, logits_per_forward)), progress)
@@ -244,21 +245,15 @@ def evaluate_perplexity(checkpoint: str | os.PathLike, data: str | os.PathLike, 
 
     text = read_text(data, "data")
     tok = load_tokenizer(checkpoint, tokenizer)
-    window = window or config.max_position_embeddings
+    window = window if window is not None else config.max_position_embeddings
     ids = standard_ids(text, tok)  # as `preprocess wiki --mode standard`
     windows = standard_windows(ids, window)
     result.update(run(f"ctx{window}", len(windows), window - 1, lambda fn, p: standard_perplexity(fn, windows, p)))
     if lm_eval:
-        rolling = rolling_window or config.max_position_embeddings
-        _check_context(rolling, config.max_position_embeddings, "rolling window")
+        rolling = rolling_window if rolling_window is not None else config.max_position_embeddings
+        config.check_fits("rolling window", length=rolling)
         with Progress("perplexity (lm-eval rolling)", unit="tokens", enabled=show_progress) as progress:
             fn = TokenNLL(model, forward_rows(rolling, config.vocab_size, logits_per_forward))
             result.update(lm_eval_wikitext(fn, text, tok, rolling, progress))
     return result
 
-
-def _check_context(length: int, max_positions: int, what: str) -> None:
-    if length > max_positions:
-        raise PipelineError(f"{what}: {length} tokens per row exceed the model's context of {max_positions}")
-    if length < 1:
-        raise PipelineError(f"{what}: rows must hold at least 2 tokens")

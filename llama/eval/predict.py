@@ -54,8 +54,9 @@ class Predictor:
     def __init__(self, checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
                  dtype: str | None = None, model_config: str | None = None,
                  adapter: str | os.PathLike | None = None):
-        self.model, _ = load_model(checkpoint, dtype, model_config, adapter)
+        self.model, config = load_model(checkpoint, dtype, model_config, adapter)
         self.tokenizer = load_tokenizer(checkpoint, tokenizer)
+        config.check_fits(f"tokenizer {self.tokenizer.path}", vocab_size=self.tokenizer.vocab_size)
 
     def complete(self, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 8, ignore_eos: bool = False) -> list[dict]:
@@ -87,6 +88,9 @@ def predict(checkpoint: str | os.PathLike, prompts: list[str], *, max_new_tokens
             model_config: str | None = None, adapter: str | os.PathLike | None = None,
             output: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
     """Complete every prompt; returns `completions` (dicts) and throughput, and writes `output` if given."""
+    from llama.generate import check_sampling
+
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not prompts:
         raise PipelineError("no prompts given")
     if output is not None:

@@ -118,11 +118,15 @@ def evaluate_squad(checkpoint: str | os.PathLike, data: str | os.PathLike, outpu
     """
     if questions not in QUESTIONS:
         raise PipelineError(f"questions must be one of {', '.join(QUESTIONS)}, got {questions!r}")
-    if max_new_tokens < 1:
-        raise PipelineError(f"max new tokens must be at least 1, got {max_new_tokens}")
+    from llama.generate import check_sampling
+
+    check_sampling(max_new_tokens)
+    if limit is not None and limit < 1:
+        raise PipelineError(f"limit must be at least 1 question, got {limit}")
     check_output_free(output_dir, overwrite)
     model, config = load_model(checkpoint, dtype, model_config, adapter)
     tok = load_tokenizer(checkpoint, tokenizer)
+    config.check_fits(f"tokenizer {tok.path}", vocab_size=tok.vocab_size)
     items, counts = load_questions(data, tok, questions, config.max_position_embeddings - max_new_tokens, limit)
     start = time.monotonic()
     predictions, generated = answer_questions(model, tok, items, max_new_tokens, batch_size, show_progress)

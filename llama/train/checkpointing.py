@@ -6,6 +6,8 @@
         state.json        step, data position, loss scale, dropout-key seed, last metrics; what the weights are
                           (kind full/lora/prefix, model config, pet settings, base checkpoint path and sha256)
         manifest.json     size and sha256 of the three files above, written last
+    <run>/manifest.json   when the run finishes: size and sha256 of its config, metrics and result, so an
+                          edited result.json is noticed like any other changed output
 
 Tensors are stored in MindFormers' layout (llama.model.checkpoint_layout), as in every checkpoint written here.
 
@@ -21,9 +23,10 @@ import shutil
 from pathlib import Path
 
 from llama.errors import PipelineError
-from llama.fileio import atomic_dir, read_json, verify_manifest, write_json_atomic, write_manifest
+from llama.fileio import MANIFEST, atomic_dir, read_json, sha256_file, verify_manifest, write_json_atomic, write_manifest
 
 FORMAT = "llama2-pipeline train checkpoint 1"
+RUN_FORMAT = "llama2-pipeline train run 1"
 WEIGHTS, OPTIMIZER, STATE = "weights.ckpt", "optimizer.ckpt", "state.json"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -47,8 +50,11 @@ def save(run_dir: str | os.PathLike, rank: int, step: int, weights: list, optimi
     final = step_dir(run_dir, rank, step)
     with atomic_dir(final, overwrite=True) as tmp:
         for params, name in ((weights, WEIGHTS), (optimizer, OPTIMIZER)):
-            ms.save_checkpoint([{"name": p.name, "data": checkpoint_layout(p.name, p)} for p in params],
-                               str(tmp / name))
+            try:
+                ms.save_checkpoint([{"name": p.name, "data": checkpoint_layout(p.name, p)} for p in params],
+                                   str(tmp / name))
+            except OSError as err:  # MindSpore re-raises a full disk without the file's name
+                raise OSError(err.errno, err.strerror, str(final / name)) from err
         write_json_atomic(tmp / STATE, {"format": FORMAT, **state})
         write_manifest(tmp, FORMAT)
     for old in list_steps(run_dir, rank)[:-keep_last]:
@@ -89,6 +95,19 @@ def latest_common_step(run_dir: str | os.PathLike, world_size: int) -> int | Non
             continue
         return step
     return None
+
+
+def write_run_manifest(run_dir: str | os.PathLike, names: tuple[str, ...]) -> None:
+    """The finished run folder's manifest over its own files `names` (its checkpoints have their own)."""
+    run_dir = Path(run_dir)
+    files = {name: {"size": (run_dir / name).stat().st_size, "sha256": sha256_file(run_dir / name)}
+             for name in names if (run_dir / name).is_file()}
+    write_json_atomic(run_dir / MANIFEST, {"format": RUN_FORMAT, "files": files})
+
+
+def verify_run(run_dir: str | os.PathLike) -> dict:
+    """Check a finished run folder's files against its manifest."""
+    return verify_manifest(run_dir, RUN_FORMAT, "training run")
 
 
 def load_tensors(path: str | os.PathLike) -> dict:

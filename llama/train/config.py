@@ -13,96 +13,108 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import field
 from pathlib import Path
-from typing import Iterable
+from typing import Annotated, Iterable, Literal
+
+from pydantic import Field, Strict, field_validator
+from pydantic.dataclasses import dataclass
 
 from llama.errors import PipelineError
-from llama.yamlconfig import apply_overrides, load_yaml, resolve_path
-
-RUN_MODES = ("pretrain", "finetune")
-PET_TYPES = ("none", "lora", "prefix")
+from llama.yamlconfig import (SCHEMA, Dtype, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                              PositiveInt, apply_overrides, build, load_yaml, resolve_path)
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class ModelSection:
-    config: str = "tiny"                 # a name in configs/model/, or a path (our YAML, HF config.json, MindFormers YAML)
+    config: str | None = "tiny"          # a name in configs/model/, a path (our YAML, HF config.json, MindFormers
+                                         # YAML), or null: the checkpoint's own
     checkpoint: str | None = None        # starting weights; required to finetune
-    compute_dtype: str | None = None     # overrides the model config's; CPU computes in float32 or float16
+    compute_dtype: Dtype | None = None   # overrides the model config's; CPU computes in float32 or float16
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class DataSection:
     train: str | None = None             # a records folder written by `preprocess`
     shuffle: bool = True
-    batch_size: int = 1                  # rows per worker per micro-batch
+    batch_size: PositiveInt = 1          # rows per worker per micro-batch
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class TrainingSection:
-    epochs: int = 1
-    max_steps: int | None = None         # stop earlier than `epochs` would
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float | None = 1.0    # null: no clipping
-    log_every: int = 1
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None # stop earlier than `epochs` would
+    gradient_accumulation_steps: PositiveInt = 1
+    max_grad_norm: PositiveFloat | None = 1.0  # null: no clipping
+    log_every: PositiveInt = 1
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class OptimizerSection:
-    type: str = "adamw"
-    learning_rate: float = 5e-5
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    type: Literal["adamw"] = "adamw"
+    learning_rate: PositiveFloat = 5e-5
+    beta1: Fraction = 0.9
+    beta2: Fraction = 0.95
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegativeFloat = 0.0
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class LRScheduleSection:
-    type: str = "cosine"                 # cosine (MindFormers' CosineWithWarmUpLR) or constant
-    lr_end: float = 0.0
-    warmup_ratio: float = 0.03
-    warmup_steps: int | None = None      # wins over warmup_ratio
+    type: Literal["cosine", "constant"] = "cosine"  # cosine: MindFormers' CosineWithWarmUpLR
+    lr_end: NonNegativeFloat = 0.0
+    warmup_ratio: Fraction = 0.03
+    warmup_steps: NonNegativeInt | None = None      # wins over warmup_ratio
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class LossScaleSection:
-    type: str = "dynamic"                # dynamic, static or none
-    value: float = 65536.0
-    factor: float = 2.0
-    window: int = 1000                   # finite steps before the dynamic scale grows
+    type: Literal["dynamic", "static", "none"] = "dynamic"
+    value: PositiveFloat = 65536.0
+    factor: Annotated[float, Strict(), Field(gt=1, allow_inf_nan=False)] = 2.0  # the dynamic scale's step
+    window: PositiveInt = 1000           # finite steps before the dynamic scale grows
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class PetSection:
-    type: str = "none"                   # none, lora or prefix
-    lora_rank: int = 16
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
+    type: Literal["none", "lora", "prefix"] = "none"
+    lora_rank: PositiveInt = 16
+    lora_alpha: PositiveFloat = 16.0
+    lora_dropout: Fraction = 0.05
     target_modules: str = "wq|wk|wv|wo"  # regex searched in each Linear cell's name
-    prefix_token_num: int = 16
-    mid_dim: int = 512
-    dropout_rate: float = 0.01
+    prefix_token_num: PositiveInt = 16
+    mid_dim: PositiveInt = 512
+    dropout_rate: Fraction = 0.01
+
+    @field_validator("target_modules")
+    @classmethod
+    def _is_regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a regular expression: {err}") from None
+        return value
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class ParallelSection:
-    data_parallel: int = 1
-    model_parallel: int = 1              # carried for Ascend/GPU recipes; refused on CPU
-    pipeline_stage: int = 1
-    micro_batch_num: int = 1
+    data_parallel: PositiveInt = 1
+    model_parallel: PositiveInt = 1      # carried for Ascend/GPU recipes; refused on CPU
+    pipeline_stage: PositiveInt = 1
+    micro_batch_num: PositiveInt = 1
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class CheckpointSection:
-    save_steps: int = 100
-    keep_last: int = 3
+    save_steps: PositiveInt = 100
+    keep_last: PositiveInt = 3
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class TrainConfig:
-    run_mode: str = "pretrain"
-    seed: int = 0
+    run_mode: Literal["pretrain", "finetune"] = "pretrain"
+    seed: NonNegativeInt = 0
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
@@ -118,38 +130,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        config = _build(cls, data, "train config")
-        config.validate()
-        return config
+        """Types and ranges of every setting checked (schemas above), with a one-line error for the first bad one."""
+        return build(cls, data, "train config")
 
     def validate(self) -> None:
-        """One-line errors for settings that cannot work, before any model is built."""
-        def need(ok: bool, message: str):
-            if not ok:
-                raise PipelineError(f"train config: {message}")
-
-        need(self.run_mode in RUN_MODES, f"run_mode {self.run_mode!r} is not one of {', '.join(RUN_MODES)}")
-        need(self.pet.type in PET_TYPES, f"pet.type {self.pet.type!r} is not one of {', '.join(PET_TYPES)}")
-        need(self.model.compute_dtype in (None, "float32", "float16", "bfloat16"),
-             f"model.compute_dtype {self.model.compute_dtype!r} is not float32, float16 or bfloat16")
-        need(self.optimizer.type == "adamw", f"optimizer.type {self.optimizer.type!r} is not adamw")
-        need(self.lr_schedule.type in ("cosine", "constant"),
-             f"lr_schedule.type {self.lr_schedule.type!r} is not cosine or constant")
-        need(self.loss_scale.type in ("dynamic", "static", "none"),
-             f"loss_scale.type {self.loss_scale.type!r} is not dynamic, static or none")
-        for name in ("data.batch_size", "training.epochs", "training.gradient_accumulation_steps",
-                     "training.log_every", "checkpoint.save_steps", "checkpoint.keep_last",
-                     "parallel.data_parallel", "parallel.model_parallel", "parallel.pipeline_stage",
-                     "pet.lora_rank", "pet.prefix_token_num", "pet.mid_dim"):
-            section, key = name.split(".")
-            value = getattr(getattr(self, section), key)
-            need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, not {value!r}")
-        need(self.training.max_steps is None or self.training.max_steps >= 1, "training.max_steps must be >= 1")
-        need(0.0 <= self.pet.lora_dropout < 1.0 and 0.0 <= self.pet.dropout_rate < 1.0,
-             "dropout rates must be in [0, 1)")
+        """Check a config built in Python and changed since: attributes are not re-checked on assignment."""
+        TrainConfig.from_dict(self.to_dict())
 
     def require_inputs(self) -> None:
-        """Recipes leave data and weights open; a run needs them."""
+        """Recipes leave data and weights open; a run needs them, and a model config that loads."""
+        from llama.config import ModelConfig
+
+        if self.model.config:
+            ModelConfig.load(self.model.config)
         if not self.data.train:
             raise PipelineError("train config: set data.train to a records folder written by `preprocess`")
         if self.run_mode == "finetune" and not self.model.checkpoint:
@@ -206,21 +199,3 @@ def _resolve_paths(data: dict, base: Path) -> dict:
         data[section][key] = str(resolve_path(value, base))
     return data
 
-
-def _build(cls, data, where: str):
-    if not isinstance(data, dict):
-        raise PipelineError(f"{where} must be a mapping, not {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise PipelineError(f"{where}: unknown setting {', '.join(unknown)} (known: {', '.join(known)})")
-    values = {}
-    for name, value in data.items():
-        default = getattr(cls(), name)
-        if dataclasses.is_dataclass(default):
-            value = _build(type(default), value or {}, f"{where} section {name}")
-        elif value is not None and isinstance(default, float) and isinstance(value, int) \
-                and not isinstance(value, bool):
-            value = float(value)
-        values[name] = value
-    return cls(**values)

@@ -293,6 +293,8 @@ def run_worker(config: TrainConfig, output_dir: str | os.PathLike, resume: bool 
     batches = load_batches(config, world)
     total_steps = count_steps(config, len(batches.input_ids))
     network = build_network(config)
+    network.model_config.check_fits(f"records {config.data.train}", ids=batches.input_ids,
+                                    length=batches.input_ids.shape[1] - 1)  # rows are inputs + the next token
     if start_step is None:
         output_dir.mkdir(parents=True, exist_ok=True)
         start_step = prepare_output(config, output_dir, resume)
@@ -380,6 +382,7 @@ def run_worker(config: TrainConfig, output_dir: str | os.PathLike, resume: bool 
     }
     if rank == 0:
         write_json_atomic(output_dir / RESULT_FILE, result)
+        checkpointing.write_run_manifest(output_dir, (CONFIG_FILE, METRICS_FILE, RESULT_FILE))
     return result
 
 
