@@ -1,4 +1,4 @@
-# Two commands on a fresh clone: `make demo` (set up and run the main job offline), `make test`.
+# Two commands on a fresh clone: `make demo` (set up, fetch the model, run the main job), `make test`.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin

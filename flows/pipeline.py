@@ -1,13 +1,14 @@
 """The whole workflow as one cached DAG, in the order of the seed README's sections:
 
     dataset preparation ─┐
-    weight conversion ───┴─> training ─> merge ─┬─> perplexity (mindformers)  ─┐
-                                                ├─> perplexity (standard)      ├─> register
-                                                ├─> SQuAD EM/F1                │
-                                                └─> sample generations ────────┘
+    weight conversion ───┴─> evaluate the base ──> training ─> merge ─> evaluate the finetuned ─> register
+                             (perplexity, both conventions; SQuAD EM/F1; sample generations — each, for both)
 
 Every stage is a cached task (tasks/): a rerun with nothing changed executes none, and a changed setting
-reruns exactly the stages after it. Each flow run is one MLflow parent run with a nested run per stage.
+reruns exactly the stages after it (a new learning rate reruns training and the finetuned model's
+evaluations, never the base model's). Each flow run is one MLflow parent run with a nested run per stage;
+the parent carries every metric as `base.<name>` and `finetuned.<name>`, plus `delta.<name>` (finetuned
+less base), so runs compare side by side.
 
     llama2-pipeline run --config configs/pipeline/demo.yaml [key.path=value ...]
 """
@@ -59,8 +60,8 @@ class Stages:
             if self.outcomes.get(task_name) != "ran":
                 self.outcomes[task_name] = how
 
-    def start(self, stage: str) -> Run:
-        return Run.start(stage, parent=self.parent, tags={"stage": stage})
+    def start(self, stage: str, tags: dict[str, str] | None = None) -> Run:
+        return Run.start(stage, parent=self.parent, tags={"stage": stage, **(tags or {})})
 
     def finish(self, stage: str, run: Run, future, log=None) -> dict:
         """Wait for a stage's task, note whether it ran or came from cache, `log(run, result, outcome)`, close
@@ -87,10 +88,13 @@ def _summarize_in_prefect(stage: str, how: str, result: dict) -> None:
                           description=f"{stage}: {how}")
 
 
+MODELS = ("base", "finetuned")  # the converted weights; the trained, merged model
+
+
 @flow(name="llama2-pipeline", log_prints=True)
 def pipeline(config: str = "configs/pipeline/demo.yaml", overrides: list[str] | None = None,
              work_dir: str = "work", mirror: str | None = None) -> dict:
-    """Prepare data, convert weights, train, merge, evaluate and register, as the config says."""
+    """Prepare data, convert weights, evaluate, train, merge, evaluate again and register, as the config says."""
     settings, base = check_pipeline_config(config, overrides)
     name = settings.get("name", "pipeline")
     stages = Stages(name, settings)
@@ -102,12 +106,25 @@ def pipeline(config: str = "configs/pipeline/demo.yaml", overrides: list[str] | 
     stages.parent.log_metrics(result["metrics"])
     stages.parent.end()
     result.update(mlflow_run_id=stages.parent.run_id, tasks=stages.outcomes)
-    create_markdown_artifact("| metric | value |\n|---|---|\n" + "".join(
-        f"| {key} | {value:.4f} |\n" for key, value in sorted(result["metrics"].items())),
-        key="pipeline-metrics", description=f"{name}: evaluation metrics")
-    for key, value in sorted(result["metrics"].items()):
-        print(f"{key:>32} {value:.4f}")
+    table = comparison(result["metrics"])
+    create_markdown_artifact("| metric | base | finetuned | change |\n|---|---|---|---|\n" + "".join(
+        f"| {metric} | {_number(before)} | {_number(after)} | {_number(change, sign=True)} |\n"
+        for metric, before, after, change in table), key="pipeline-metrics", description=f"{name}: evaluation metrics")
+    print(f"{'metric':>32} {'base':>12} {'finetuned':>12} {'change':>12}")
+    for metric, before, after, change in table:
+        print(f"{metric:>32} {_number(before):>12} {_number(after):>12} {_number(change, sign=True):>12}")
     return result
+
+
+def comparison(metrics: dict[str, float]) -> list[tuple[str, float | None, float | None, float | None]]:
+    """(metric, base, finetuned, change) for every evaluation metric of a pipeline result, in name order."""
+    names = sorted({key.split(".", 1)[1] for key in metrics if key.startswith(tuple(f"{m}." for m in MODELS))})
+    return [(name, metrics.get(f"base.{name}"), metrics.get(f"finetuned.{name}"), metrics.get(f"delta.{name}"))
+            for name in names]
+
+
+def _number(value: float | None, sign: bool = False) -> str:
+    return "-" if value is None else f"{value:+.4f}" if sign else f"{value:.4f}"
 
 
 def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages) -> dict:
@@ -115,19 +132,31 @@ def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages
     model_settings, train_settings = settings["model"], settings.get("train")
     tokenizer = resolve(model_settings["tokenizer"]) if model_settings.get("tokenizer") else None
 
-    # Weight conversion starts while the data flow runs.
+    # Weight conversion starts while the data flow runs, unless the data needs the tokenizer the weights
+    # bring (a GGUF file carries its own): then the records are tokenized with the converted one.
     convert_run = stages.start("convert")
     converted = model.convert.submit(resolve(model_settings["weights"]), work_dir, model_settings.get("format", "ckpt"),
                                      model_settings.get("dtype"), tokenizer,
                                      _model_config_file(model_settings.get("model_config"), base))
+
+    def finish_convert() -> dict:
+        return stages.finish("convert", convert_run, converted, lambda run, result, _: run.log_params(result))
+
+    base_checkpoint = data_tokenizer = None
+    if tokenizer is None:
+        base_checkpoint = finish_convert()
+        tokenizer = data_tokenizer = base_checkpoint["tokenizer"]
+        if tokenizer is None:
+            raise PipelineError(f"{model_settings['weights']} carries no tokenizer: set model.tokenizer")
     data = prepare_data(config=str(resolve_path(settings["data"], base)), work_dir=work_dir, mirror=mirror,
-                        parent_run_id=stages.parent.run_id)
+                        parent_run_id=stages.parent.run_id, tokenizer=data_tokenizer)
     stages.note(data["tasks"])
     datasets = data["datasets"]
-    base_checkpoint = stages.finish("convert", convert_run, converted, lambda run, result, _: run.log_params(result))
+    base_checkpoint = base_checkpoint or finish_convert()
+    evaluation = Evaluation(settings.get("evaluate") or {}, datasets, resolve, work_dir, stages)
 
-    # Training and merging (a config without `train` evaluates the converted weights as they are). A prefix
-    # adapter has no weights to merge: the evaluations load it beside its base.
+    # The base model's evaluations are submitted first; training waits for them (one MindSpore model at a time).
+    evaluation.submit("base", base_checkpoint["checkpoint"])
     checkpoint, trained, recipe_name, adapter = base_checkpoint["checkpoint"], {}, None, None
     if train_settings:
         if train_settings["dataset"] not in datasets:
@@ -140,26 +169,30 @@ def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages
         trained = stages.finish("train", train_run, train.train.submit(
             recipe_name, train_config, datasets[train_settings["dataset"]]["output"], checkpoint, work_dir,
             train_run.run_id), lambda run, result, how: train.log_training(run, result, how == "cached"))
-        if train_config["pet"]["type"] == "prefix":
+        if train_config["pet"]["type"] == "prefix":   # no weights to merge: evaluations load it beside its base
             adapter = trained["output_dir"]
         else:
             merge_run = stages.start("merge")
             checkpoint = stages.finish("merge", merge_run, train.merge.submit(
                 trained["output_dir"], base_checkpoint["checkpoint"], tokenizer, work_dir,
                 settings.get("merge", {}).get("format", "ckpt")))["checkpoint"]
+        evaluation.submit("finetuned", checkpoint, adapter)
 
-    # Evaluation, every part concurrently.
-    metrics = _evaluate(settings.get("evaluate") or {}, checkpoint, adapter, datasets, resolve, work_dir, stages)
+    results = evaluation.collect()
+    metrics = {f"{name}.{key}": value for name, values in results.items() for key, value in values.items()}
+    if len(results) == len(MODELS):
+        metrics.update({f"delta.{key}": value - results["base"][key]
+                        for key, value in results["finetuned"].items() if key in results["base"]})
     metrics.update({f"train_{k}": trained[k] for k in ("first_loss", "final_loss") if trained.get(k) is not None})
 
-    # Register the merged model with its metrics.
+    # Register the final model with its own metrics.
     registered = None
     if settings.get("register"):
         register_run = stages.start("register")
         registered = stages.finish("register", register_run, model.register.submit(
-            checkpoint, settings["register"]["model_name"], metrics, register_run.run_id,
-            {"pipeline": settings.get("name", "pipeline"), "train_recipe": recipe_name or "none",
-             **({"adapter": adapter} if adapter else {})}))
+            checkpoint, settings["register"]["model_name"], results.get("finetuned" if trained else "base", {}),
+            register_run.run_id, {"pipeline": settings.get("name", "pipeline"), "train_recipe": recipe_name or "none",
+                                  **({"adapter": adapter} if adapter else {})}))
     stages.note(resolve.outcomes())
     return {"metrics": metrics, "checkpoint": checkpoint, "registered": registered}
 
@@ -172,38 +205,63 @@ def _model_config_file(value: str | None, base) -> str | None:
     return str(path if path.exists() else CONFIG_DIR / f"{value}.yaml")
 
 
-def _evaluate(settings: dict, checkpoint: str, adapter: str | None, datasets: dict, resolve: Inputs,
-              work_dir: str, stages: Stages) -> dict:
-    """Submit every evaluation (of `checkpoint`, with the prefix `adapter` run if one is given), then log each
-    as it is collected; return all metrics."""
+EVALUATION_METRICS = ("ppl_", "squad_", "word_", "byte_")
 
-    def data_of(value: str):
-        return datasets[value]["output"] if value in datasets else resolve(value)
 
-    jobs = []
-    for convention, options in (settings.get("perplexity") or {}).items():
-        options = dict(options)
+class Evaluation:
+    """The `evaluate` section, run on each model: perplexity per convention, SQuAD and samples, each an MLflow
+    stage run named `<evaluation>-<model>` and tagged with the model. An evaluation block may list the
+    `models` it runs on (default: all)."""
+
+    def __init__(self, settings: dict, datasets: dict, resolve: Inputs, work_dir: str, stages: Stages):
+        self.settings, self.datasets, self.resolve = settings, datasets, resolve
+        self.work_dir, self.stages = work_dir, stages
+        self.jobs: list[tuple] = []  # (model, stage, MLflow run, future, log)
+
+    def _data(self, value: str):
+        return self.datasets[value]["output"] if value in self.datasets else self.resolve(value)
+
+    def _blocks(self, model_name: str):
+        """(evaluation, options) of every evaluation configured for this model."""
+        blocks = [(f"perplexity-{convention}", options)
+                  for convention, options in (self.settings.get("perplexity") or {}).items()]
+        blocks += [(kind, self.settings[kind]) for kind in ("squad", "samples") if self.settings.get(kind)]
+        for evaluation, options in blocks:
+            options = dict(options)
+            if model_name in options.pop("models", MODELS):
+                yield evaluation, options
+
+    def submit(self, model_name: str, checkpoint: str, adapter: str | None = None) -> None:
+        """Start every evaluation of one model (a checkpoint, with an unmerged prefix `adapter` run if given);
+        their tasks queue for the model lock."""
+        for evaluation, options in self._blocks(model_name):
+            stage = f"{evaluation}-{model_name}"
+            run = self.stages.start(stage, {"evaluation": evaluation, "model": model_name})
+            self.jobs.append((model_name, stage, run, *self._start(evaluation, checkpoint, adapter, options, stage)))
+
+    def _start(self, evaluation: str, checkpoint: str, adapter: str | None, options: dict, stage: str):
+        """The future of one evaluation's task, and how its result is logged: `log(run, result, outcome)`."""
+        named = {"task_run_name": stage}
+        if evaluation == "samples":
+            prompts = options.pop("prompts")
+            return (evaluate.samples.with_options(**named).submit(checkpoint, prompts, options, self.work_dir,
+                                                                             adapter),
+                    lambda run, result, _: evaluate.log_samples(run, result))
         dataset = options.pop("data")
-        run = stages.start(f"perplexity-{convention}")
-        future = evaluate.perplexity.submit(checkpoint, data_of(dataset), convention, options, work_dir, adapter)
-        jobs.append((f"perplexity-{convention}", run, future,
-                     lambda r, result, _, d=dataset: evaluate.log_perplexity(r, result, d)))
-    if settings.get("squad"):
-        options = dict(settings["squad"])
-        dataset = options.pop("data")
-        run = stages.start("squad")
-        future = evaluate.squad.submit(checkpoint, data_of(dataset), options, work_dir, adapter)
-        jobs.append(("squad", run, future, lambda r, result, _, d=dataset: evaluate.log_squad(r, result, d)))
-    if settings.get("samples"):
-        options = dict(settings["samples"])
-        prompts = options.pop("prompts")
-        run = stages.start("samples")
-        future = evaluate.samples.submit(checkpoint, prompts, options, work_dir, adapter)
-        jobs.append(("samples", run, future, lambda r, result, _: evaluate.log_samples(r, result)))
+        if evaluation == "squad":
+            return (evaluate.squad.with_options(**named).submit(checkpoint, self._data(dataset), options,
+                                                                self.work_dir, adapter),
+                    lambda run, result, _: evaluate.log_squad(run, result, dataset))
+        convention = evaluation.removeprefix("perplexity-")
+        return (evaluate.perplexity.with_options(**named).submit(checkpoint, self._data(dataset), convention, options,
+                                                                 self.work_dir, adapter),
+                lambda run, result, _: evaluate.log_perplexity(run, result, dataset))
 
-    metrics: dict[str, float] = {}
-    for stage, run, future, log in jobs:
-        result = stages.finish(stage, run, future, log)
-        metrics.update({k: v for k, v in result.items()
-                        if isinstance(v, float) and k.startswith(("ppl_", "squad_", "word_", "byte_"))})
-    return metrics
+    def collect(self) -> dict[str, dict[str, float]]:
+        """Wait for every evaluation and log it; the metrics of each model, by model."""
+        metrics: dict[str, dict[str, float]] = {}
+        for model_name, stage, run, future, log in self.jobs:
+            result = self.stages.finish(stage, run, future, log)
+            metrics.setdefault(model_name, {}).update(
+                {k: v for k, v in result.items() if isinstance(v, float) and k.startswith(EVALUATION_METRICS)})
+        return metrics

@@ -3,7 +3,7 @@
 The seed README's "Dataset preparation" section as one flow: WikiText-2 (pretraining and perplexity),
 Alpaca (finetuning) and SQuAD 1.1 (reading comprehension) run concurrently, every step a cached task.
 
-    llama2-pipeline prepare-data --config configs/data/demo.yaml
+    llama2-pipeline prepare-data --config configs/data/tiny.yaml
 """
 
 from __future__ import annotations
@@ -22,13 +22,21 @@ DATASET_KEYS = ("kind", "input")
 
 
 @flow(name="prepare-data", log_prints=True)
-def prepare_data(config: str = "configs/data/demo.yaml", overrides: list[str] | None = None,
-                 work_dir: str = "work", mirror: str | None = None, parent_run_id: str | None = None) -> dict:
-    """Download → tokenize → MindRecord for every dataset in the config; returns their summaries."""
+def prepare_data(config: str = "configs/data/tiny.yaml", overrides: list[str] | None = None,
+                 work_dir: str = "work", mirror: str | None = None, parent_run_id: str | None = None,
+                 tokenizer: str | None = None) -> dict:
+    """Download → tokenize → MindRecord for every dataset in the config; returns their summaries.
+
+    `tokenizer`, a file, replaces the config's: the pipeline passes the tokenizer of the converted model when
+    the weights bring their own (a GGUF file), so the records hold that model's ids.
+    """
     settings, base = load_flow_config(config, overrides)  # checked: datasets is a non-empty mapping of specs
     datasets = settings["datasets"]
     resolve = Inputs(settings, base, work_dir, mirror)
-    tokenizer = resolve(settings["tokenizer"])
+    if tokenizer is None:
+        if not settings.get("tokenizer"):
+            raise PipelineError(f"config {config} names no tokenizer (give one with tokenizer=NAME_OR_PATH)")
+        tokenizer = resolve(settings["tokenizer"])
     jobs = {}
     for name, spec in datasets.items():
         options = {k: v for k, v in spec.items() if k not in DATASET_KEYS}

@@ -2,7 +2,7 @@
 (llama/eval/predict.py).
 
     generate(model, prompt_ids: list[list[int]], max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
-             seed=0, eos_id=2, pad_id=0) -> list[list[int]]   # the new ids of each prompt (EOS included)
+             seed=0, eos_id=2, pad_id=0, stop_ids=()) -> list[list[int]]   # each prompt's new ids (EOS included)
 
 Prompts are left-padded into one batch. One prefill step writes every prompt position into a KV cache of
 fixed length (longest prompt + max_new_tokens, rounded up to buckets); then each decode step writes one slot.
@@ -18,6 +18,8 @@ Sampling (temperature, top-k, top-p, seeded) runs in numpy on the last position'
 """
 
 from __future__ import annotations
+
+from typing import Collection
 
 import mindspore as ms
 import numpy as np
@@ -128,8 +130,11 @@ def _compiled(model, kind: str, make):
 
 
 def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, eos_id: int | None = 2, pad_id: int = 0) -> list[list[int]]:
-    """New token ids for each prompt; a row stops after `eos_id` (kept) or `max_new_tokens` (None: no EOS)."""
+             top_p: float = 1.0, seed: int = 0, eos_id: int | None = 2, pad_id: int = 0,
+             stop_ids: Collection[int] = ()) -> list[list[int]]:
+    """New token ids for each prompt; a row stops after `eos_id` (kept) or `max_new_tokens` (None: no EOS), or
+    after one of `stop_ids` (kept) that is not its first new token (e.g. line breaks: an answer may start on
+    a new line)."""
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise PipelineError("every prompt needs at least one token (e.g. BOS)")
     if max_new_tokens < 1:
@@ -162,6 +167,7 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     out = [[] for _ in prompt_ids]
     done = np.zeros(batch, dtype=bool)
     emitted = 0
+    stops = np.fromiter(stop_ids, dtype=np.int64)
 
     def emit(ids: np.ndarray) -> bool:
         """Append one token to every unfinished row; True once all rows are finished or long enough."""
@@ -171,6 +177,8 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
             out[row].append(int(ids[row]))
         if eos_id is not None:
             done[ids == eos_id] = True
+        if emitted > 1:
+            done[np.isin(ids, stops)] = True
         return done.all() or emitted == max_new_tokens
 
     rng = np.random.default_rng(seed)

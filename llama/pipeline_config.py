@@ -52,11 +52,12 @@ class SquadDataset:
     max_length: PositiveInt
     mode: Literal[SQUAD_MODES] = "eval"
     questions: Literal[QUESTIONS] = "first"
+    articles: str | None = None       # START:STOP of the dev articles, e.g. "6:" (see `preprocess squad`)
 
 
 @dataclass(config=SCHEMA)
 class DataConfig:
-    tokenizer: str
+    tokenizer: str | None             # None: the caller gives one (the pipeline: the converted model's)
     datasets: Annotated[dict[str, Annotated[Union[WikiDataset, AlpacaDataset, SquadDataset],
                                             Field(discriminator="kind")]], Field(min_length=1)]
     sources: str | None = None
@@ -90,6 +91,7 @@ class PerplexitySettings:
     window: Annotated[int, Strict(), Field(ge=2)] | None = None
     rolling_window: Annotated[int, Strict(), Field(ge=2)] | None = None
     lm_eval: bool = True
+    models: list[Literal["base", "finetuned"]] = field(default_factory=lambda: ["base", "finetuned"])
     dtype: Dtype | None = None
 
 
@@ -101,6 +103,7 @@ class SquadSettings:
     batch_size: PositiveInt = 8
     limit: PositiveInt | None = None
     worst: NonNegativeInt = 10
+    models: list[Literal["base", "finetuned"]] = field(default_factory=lambda: ["base", "finetuned"])
     dtype: Dtype | None = None
 
 
@@ -114,6 +117,7 @@ class SampleSettings:
     seed: NonNegativeInt = 0
     batch_size: PositiveInt = 8
     ignore_eos: bool = False
+    models: list[Literal["base", "finetuned"]] = field(default_factory=lambda: ["base", "finetuned"])
     dtype: Dtype | None = None
 
 

@@ -11,7 +11,8 @@ from llama.eval.perplexity import evaluate_perplexity
 from llama.eval.predict import predict
 from llama.eval.squad import evaluate_squad
 from llama.fileio import verify_manifest, write_json_atomic, write_manifest
-from tasks.cache import MINDSPORE_LOCK, CachedStage, verified_by
+from tasks.cache import CachedStage, verified_by
+from tasks.runtime import one_model
 from tasks.tracking import Run
 
 RESULT = "result.json"
@@ -37,7 +38,7 @@ def perplexity(checkpoint: str, data: str, convention: str, settings: dict, work
     """Perplexity of a checkpoint (with an unmerged adapter run) on a records folder (mindformers) or raw
     WikiText (standard)."""
     out = PERPLEXITY.output_dir(locals())
-    with MINDSPORE_LOCK:
+    with one_model():
         result = evaluate_perplexity(checkpoint, data, convention, adapter=adapter, show_progress=False, **settings)
     _finish(out, result)
     return result
@@ -51,7 +52,7 @@ SQUAD = CachedStage("squad", code=__name__, file_params=("checkpoint", "data", "
 def squad(checkpoint: str, data: str, settings: dict, work_dir: str, adapter: str | None = None) -> dict:
     """SQuAD EM/F1 (official and MindFormers) by greedy generation; predictions land in the output folder."""
     out = SQUAD.output_dir(locals())
-    with MINDSPORE_LOCK:
+    with one_model():
         result = evaluate_squad(checkpoint, data, out / "predictions", adapter=adapter, overwrite=True,
                                 show_progress=False, **settings)
     _finish(out, result)
@@ -67,7 +68,7 @@ def samples(checkpoint: str, prompts: list[str], settings: dict, work_dir: str, 
     """A few generations from the finished model, to read beside its metrics."""
     out = SAMPLES.output_dir(locals())
     path = out / "samples.jsonl"
-    with MINDSPORE_LOCK:
+    with one_model():
         result = predict(checkpoint, prompts, adapter=adapter, output=path, overwrite=True, **settings)
     _finish(out, {"samples": str(path)})
     return {"samples": str(path), "completions": result["completions"]}

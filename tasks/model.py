@@ -10,6 +10,8 @@ from prefect import task
 import llama
 from llama.checkpoint import open_checkpoint, verify_folder, write_checkpoint
 from llama.config import ModelConfig
+from llama.errors import PipelineError
+from llama.eval.loading import load_tokenizer
 from tasks.cache import CachedStage, verified_by
 from tasks.tracking import tracking_uri
 
@@ -22,12 +24,21 @@ CONVERT = CachedStage("convert", code=__name__, file_params=("source", "tokenize
 @CONVERT.exclusive
 def convert(source: str, work_dir: str, fmt: str = "ckpt", dtype: str | None = None,
             tokenizer: str | None = None, model_config: str | None = None) -> dict:
-    """Convert any supported checkpoint into a verified folder (weights, model config, tokenizer)."""
+    """Convert any supported checkpoint into a verified folder (weights, model config, tokenizer); the result
+    names the tokenizer file the folder carries (None if none), which the data stages then tokenize with."""
     out = CONVERT.output_dir(locals())
     opened = open_checkpoint(source, ModelConfig.load(model_config) if model_config else None)
     manifest = write_checkpoint(opened, out, fmt, dtype, tokenizer, overwrite=True, progress=False)
     return {"checkpoint": str(out), "source_format": opened.kind, "format": fmt, "dtype": manifest["dtype"],
-            "parameters": manifest["parameters"]}
+            "parameters": manifest["parameters"], "tokenizer": _own_tokenizer(out)}
+
+
+def _own_tokenizer(folder: Path) -> str | None:
+    """The tokenizer file of a checkpoint folder, as evaluations of it find it."""
+    try:
+        return str(load_tokenizer(folder).path)
+    except PipelineError:
+        return None
 
 
 REGISTER = CachedStage("register", code=__name__, file_params=("checkpoint",), ignore=("run_id", "tags"))

@@ -13,7 +13,8 @@ from llama.train import checkpointing
 from llama.train.config import TrainConfig
 from llama.train.merge import merge as merge_checkpoints
 from llama.train.trainer import METRICS_FILE, RESULT_FILE, train as train_model
-from tasks.cache import MINDSPORE_LOCK, CachedStage, verified_by
+from tasks.cache import CachedStage, verified_by
+from tasks.runtime import one_model
 from tasks.tracking import Run
 
 STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "loss_scale")
@@ -47,7 +48,7 @@ def train(recipe_name: str, config: dict, data: str, base: str | None, work_dir:
     settings["data"]["train"], settings["model"]["checkpoint"] = data, base
     resume = (out / "train_config.json").is_file()
     on_step = StepLogger(Run(run_id)) if run_id else None
-    with MINDSPORE_LOCK:
+    with one_model():
         return train_model(settings, out, resume=resume, on_step=on_step)
 
 

@@ -31,7 +31,8 @@ def test_served_deployment_runs_and_is_recorded_in_mlflow(tmp_path, processes):
 
     client_env = {**env, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_url}
     processes.start("serve", [str(BIN / "llama2-pipeline"), "serve", "--name", "itest", "--cron", "0 3 * * 1",
-                              "--work-dir", str(tmp_path / "work"), *QUICK], client_env)
+                              "--config", "configs/pipeline/tiny.yaml", "--work-dir", str(tmp_path / "work"), *QUICK],
+                    client_env)
 
     # Everything below talks to the servers only through their HTTP APIs.
     deadline = time.monotonic() + 180
@@ -60,13 +61,14 @@ def test_served_deployment_runs_and_is_recorded_in_mlflow(tmp_path, processes):
         "filter": f"tags.prefect_flow_run_id = '{flow_run['id']}'"})["runs"]
     assert len(runs) == 1
     metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
-    assert {"ppl_mindformers", "ppl_standard_ctx256", "squad_f1_official", "squad_f1_mindformers"} <= set(metrics)
+    assert {f"{model}.{name}" for model in ("base", "finetuned", "delta") for name in (
+        "ppl_mindformers", "ppl_standard_ctx256", "squad_f1_official", "squad_f1_mindformers")} <= set(metrics)
     assert all(value == value for value in metrics.values())  # no NaN
 
-    model = get(f"{mlflow_url}/api/2.0/mlflow/registered-models/get?name=llama2-demo")["registered_model"]
+    model = get(f"{mlflow_url}/api/2.0/mlflow/registered-models/get?name=llama2-tiny")["registered_model"]
     version = model["latest_versions"][0]
     tags = {t["key"]: t["value"] for t in version.get("tags", [])}
-    assert float(tags["metric.ppl_mindformers"]) == pytest.approx(metrics["ppl_mindformers"])
+    assert float(tags["metric.ppl_mindformers"]) == pytest.approx(metrics["finetuned.ppl_mindformers"])
     artifacts = get(f"{mlflow_url}/api/2.0/mlflow/artifacts/list?"
                      + urllib.parse.urlencode({"run_id": version["run_id"], "path": "model"}))
     assert {"manifest.json", "model.ckpt", "model_config.json", "tokenizer.model"} <= {

@@ -132,6 +132,7 @@ def test_squad_end_to_end_writes_scored_predictions(stories, fixtures, tmp_path)
     rows = pq.read_table(tmp_path / "a" / "predictions.parquet").to_pylist()
     assert [json.loads(line) for line in open(tmp_path / "a" / "predictions.jsonl")] == rows
     assert {"id", "question", "prediction", "answers", "f1_official", "f1_mindformers"} <= set(rows[0])
+    assert all("\n" not in row["prediction"] for row in rows)  # an answer is one line
     assert result["squad_f1_official"] == pytest.approx(100 * np.mean([r["f1_official"] for r in rows]))
     assert (tmp_path / "a" / "worst_answers.md").read_text().count("\n|") == 2 + 2
     again = evaluate_squad(stories / "ckpt", fixtures / "squad_dev_slice.json", tmp_path / "b", **args)

@@ -46,6 +46,13 @@ def test_stops_at_eos(model, prompts):
     assert generate(model, [prompts[0]], max_new_tokens=16, eos_id=eos)[0] == greedy[:greedy.index(eos) + 1]
 
 
+def test_stop_ids_end_a_row_after_its_first_token(model, prompts):
+    greedy = generate(model, [prompts[0]], max_new_tokens=16, eos_id=None)[0]
+    for stop in (greedy[0], greedy[3]):  # as the first new token it does not stop the row
+        end = next((i for i in range(1, len(greedy)) if greedy[i] == stop), len(greedy) - 1)
+        assert generate(model, [prompts[0]], max_new_tokens=16, eos_id=None, stop_ids=[stop])[0] == greedy[:end + 1]
+
+
 def test_greedy_chunks_equal_one_step_per_call(model, prompts):
     """Greedy decodes several steps per graph call; sampling with top_k=1 (one step per call, argmax in
     numpy) must give the same ids at every length around the chunk size, up to the last position."""

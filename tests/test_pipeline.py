@@ -1,4 +1,5 @@
-"""The demo pipeline end to end on the real MindSpore, Prefect (hermetic, see conftest) and MLflow."""
+"""The demo's pipeline, on the tiny model, end to end on the real MindSpore, Prefect (hermetic, see conftest)
+and MLflow: base and finetuned evaluated side by side, cached by content."""
 
 import math
 
@@ -6,62 +7,89 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline import pipeline
+from llama.checkpoint import open_checkpoint, write_checkpoint
 from tasks.tracking import tracking_uri
 
 pytestmark = pytest.mark.slow
 
-# The demo, made shorter: a few LoRA steps and a few SQuAD questions.
+CONFIG = "configs/pipeline/tiny.yaml"
+# The tiny demo, made shorter: a few LoRA steps, a few SQuAD questions, short samples.
 QUICK = ["train.set.training.max_steps=4", "evaluate.squad.limit=4", "evaluate.samples.max_new_tokens=8"]
-AFTER_TRAINING = {"train", "merge", "perplexity-mindformers", "perplexity-standard", "squad", "samples", "register"}
+EVALUATIONS = ("perplexity-mindformers", "perplexity-standard", "squad", "samples")
+BASE = {f"{evaluation}-base" for evaluation in EVALUATIONS}
+AFTER_TRAINING = {"train", "merge", "register"} | {f"{evaluation}-finetuned" for evaluation in EVALUATIONS}
 
 
-def test_demo_runs_reruns_from_cache_and_reruns_only_what_a_change_touches(tmp_path):
+@pytest.fixture
+def weights_with_tokenizer(tmp_path, fixtures):
+    """stories260K converted with its tokenizer: weights that bring their own tokenizer, as a GGUF file does."""
+    folder = tmp_path / "stories260K"
+    write_checkpoint(open_checkpoint(fixtures / "stories260K.bin"), folder, tokenizer=fixtures / "tok512.model",
+                     progress=False)
+    return folder
+
+
+def test_demo_evaluates_base_and_finetuned_reruns_from_cache_and_reruns_only_what_a_change_touches(
+        tmp_path, weights_with_tokenizer):
     work = str(tmp_path / "work")
-    first = pipeline(config="configs/pipeline/demo.yaml", overrides=QUICK, work_dir=work)
+    # The data is tokenized with the tokenizer the converted weights carry (the GGUF path of the real demo).
+    quick = QUICK + [f"model.weights={weights_with_tokenizer}", "model.tokenizer=null"]
+    first = pipeline(config=CONFIG, overrides=quick, work_dir=work)
     assert set(first["tasks"].values()) == {"ran"}
-    assert AFTER_TRAINING | {"convert", "preprocess-alpaca", "download-stories260K"} <= set(first["tasks"])
+    assert BASE | AFTER_TRAINING | {"convert", "preprocess-squad_train", "preprocess-squad_eval"} <= set(first["tasks"])
     metrics = first["metrics"]
     for name in ("ppl_mindformers", "ppl_mindformers_token_weighted", "ppl_standard_ctx256", "word_perplexity",
-                 "squad_f1_official", "squad_f1_mindformers", "train_final_loss"):
-        assert math.isfinite(metrics[name]), name
-    assert 1.0 < metrics["ppl_mindformers"] < 512.0  # better than uniform over tok512's vocabulary
+                 "squad_f1_official", "squad_f1_mindformers"):
+        for model in ("base", "finetuned"):
+            assert math.isfinite(metrics[f"{model}.{name}"]), (model, name)
+        assert metrics[f"delta.{name}"] == pytest.approx(metrics[f"finetuned.{name}"] - metrics[f"base.{name}"])
+    assert math.isfinite(metrics["train_final_loss"])
+    assert 1.0 < metrics["base.ppl_mindformers"] < 512.0  # better than uniform over tok512's vocabulary
+    assert metrics["base.ppl_mindformers"] != metrics["finetuned.ppl_mindformers"]
 
     client = MlflowClient(tracking_uri())
     parent = client.get_run(first["mlflow_run_id"])
     assert parent.data.tags["prefect_flow_run_id"] and parent.data.tags["code_version"]
     assert parent.data.params["train.recipe"].endswith("tiny_lora.yaml")
-    assert parent.data.metrics["ppl_mindformers"] == pytest.approx(metrics["ppl_mindformers"])
+    assert parent.data.metrics["finetuned.squad_f1_official"] == pytest.approx(metrics["finetuned.squad_f1_official"])
+    assert parent.data.metrics["delta.ppl_mindformers"] == pytest.approx(metrics["delta.ppl_mindformers"])
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     stages = {run.data.tags["mlflow.runName"]: run for run in children}
-    assert {"prepare-data", "convert", "train", "merge", "squad", "register"} <= set(stages)
+    assert {"prepare-data", "convert", "train", "merge", "register"} | BASE | AFTER_TRAINING <= set(stages)
+    for model in ("base", "finetuned"):
+        squad = stages[f"squad-{model}"].data
+        assert squad.tags["model"] == model and squad.tags["dataset"] == "squad_eval"
+        assert squad.metrics["squad_f1_official"] == pytest.approx(metrics[f"{model}.squad_f1_official"])
     train_run = stages["train"]
     assert len(client.get_metric_history(train_run.info.run_id, "loss")) == 4
     artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
     assert {"curves.png", "metrics.jsonl", "train_config.json"} <= artifacts
-    assert stages["squad"].data.tags["dataset"] == "squad_eval"
     assert stages["prepare-data"].inputs.dataset_inputs
-    version = client.get_model_version("llama2-demo", first["registered"]["version"])
-    assert float(version.tags["metric.ppl_mindformers"]) == pytest.approx(metrics["ppl_mindformers"])
-    assert {"pipeline-metrics", "stage-train", "stage-squad"} <= _prefect_artifact_keys()
+    version = client.get_model_version("llama2-tiny", first["registered"]["version"])
+    assert float(version.tags["metric.ppl_mindformers"]) == pytest.approx(metrics["finetuned.ppl_mindformers"])
+    assert {"pipeline-metrics", "stage-train", "stage-squad-base", "stage-squad-finetuned"} <= _prefect_artifact_keys()
 
-    second = pipeline(config="configs/pipeline/demo.yaml", overrides=QUICK, work_dir=work)
+    second = pipeline(config=CONFIG, overrides=quick, work_dir=work)
     assert set(second["tasks"].values()) == {"cached"}
     assert second["metrics"] == metrics
 
-    third = pipeline(config="configs/pipeline/demo.yaml",
-                     overrides=QUICK + ["train.set.optimizer.learning_rate=5e-3"], work_dir=work)
+    # A new learning rate reruns training and what follows it; the base model's evaluations come from cache.
+    third = pipeline(config=CONFIG, overrides=quick + ["train.set.optimizer.learning_rate=5e-3"], work_dir=work)
     ran = {task for task, how in third["tasks"].items() if how == "ran"}
     assert ran == AFTER_TRAINING
     assert third["checkpoint"] != first["checkpoint"]
+    assert {k: v for k, v in third["metrics"].items() if k.startswith("base.")} == \
+        {k: v for k, v in metrics.items() if k.startswith("base.")}
 
     # A damaged evaluation output (its manifest no longer matches) reruns that evaluation and nothing else.
-    for predictions in (tmp_path / "work" / "squad").glob("*/predictions/predictions.jsonl"):
+    damaged = sorted((tmp_path / "work" / "squad").glob("*/predictions/predictions.jsonl"))
+    assert len(damaged) == 3  # base, and finetuned at both learning rates
+    for predictions in damaged:
         with open(predictions, "a", encoding="utf-8") as handle:
             handle.write("\n")
-    fourth = pipeline(config="configs/pipeline/demo.yaml",
-                      overrides=QUICK + ["train.set.optimizer.learning_rate=5e-3"], work_dir=work)
-    assert {task for task, how in fourth["tasks"].items() if how == "ran"} == {"squad"}
+    fourth = pipeline(config=CONFIG, overrides=quick + ["train.set.optimizer.learning_rate=5e-3"], work_dir=work)
+    assert {task for task, how in fourth["tasks"].items() if how == "ran"} == {"squad-base", "squad-finetuned"}
     assert fourth["metrics"] == third["metrics"]
 
 

@@ -1,6 +1,7 @@
 """The data flow on the real Prefect (hermetic home, see conftest) and a real MLflow store."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -8,6 +9,8 @@ import yaml
 
 from flows.prepare_data import prepare_data
 from llama.data import records
+from llama.data.tokenizer import Tokenizer
+from llama.errors import PipelineError
 
 pytestmark = pytest.mark.slow
 
@@ -61,3 +64,16 @@ def test_deleted_outputs_are_rebuilt(tmp_path, fixtures):
     assert second["tasks"]["preprocess-wiki_train"] == "ran"
     assert second["tasks"]["preprocess-squad_eval"] == "cached"
     assert records.verify(second["datasets"]["wiki_train"]["output"])
+
+
+def test_a_tokenizer_from_the_caller_replaces_the_configs(tmp_path, fixtures):
+    """The pipeline passes the converted model's tokenizer when the weights bring their own (a GGUF file)."""
+    config, work = _config(tmp_path, fixtures, fixtures / "tok512.model"), str(tmp_path / "work")
+    settings = yaml.safe_load(open(config))
+    settings["tokenizer"] = None
+    Path(config).write_text(yaml.safe_dump(settings))
+    with pytest.raises(PipelineError, match="names no tokenizer"):
+        prepare_data(config=config, work_dir=work)
+    result = prepare_data(config=config, work_dir=work, tokenizer=str(fixtures / "tok512.model"))
+    expected = Tokenizer(fixtures / "tok512.model").sha256
+    assert {summary["tokenizer_sha256"] for summary in result["datasets"].values()} == {expected}

@@ -9,7 +9,7 @@ import pytest
 
 from llama.cli import run
 from llama.data.records import read_columns, verify
-from llama.data.squad import ANSWERS_FILE, read_answers, read_squad, squad_columns
+from llama.data.squad import ANSWERS_FILE, RESPONSE, read_answers, read_squad, squad_columns
 from llama.data.tokenizer import Tokenizer
 from llama.errors import PipelineError
 
@@ -41,6 +41,26 @@ def test_first_keeps_each_paragraphs_first_question_and_all_keeps_every_question
     assert first[0].prompt().startswith("Read the passage and answer the question below.\n\n### Instruction:\n")
     assert first[0].prompt().endswith(
         "\n\n### Input:\nWhich NFL team represented the AFC at Super Bowl 50?\n\n### Response:")
+
+
+@pytest.fixture(scope="module")
+def articles(fixtures):
+    """SQuAD dev, all 48 articles, each with its first 4 paragraphs and their first questions."""
+    return json.loads((fixtures / "squad_dev_first_questions.json").read_text())
+
+
+def test_articles_select_by_position_like_a_slice(articles):
+    titles = [article["title"] for article in articles["data"]]
+    held_out, rest = read_squad(articles, "first", "0:6"), read_squad(articles, "first", "6:")
+    assert len(held_out) == 24 and len(rest) == 4 * (len(titles) - 6)
+    assert not {e.context for e in held_out} & {e.context for e in rest}
+    assert held_out + rest == read_squad(articles, "first") == read_squad(articles, "first", ":")
+    assert [e.id for e in read_squad(articles, "first", "2:3")] == \
+        [p["qas"][0]["id"] for p in articles["data"][2]["paragraphs"]]
+    for bad, message in (("3", "START:STOP"), ("a:b", "START:STOP"), ("-2:", "non-negative"),
+                         ("60:", "selects none of the input's 48 articles")):
+        with pytest.raises(PipelineError, match=message):
+            read_squad(articles, "first", bad)
 
 
 def test_eval_rows_are_bos_prompt_and_answer_ids_padded_with_0(tok, first):
@@ -112,6 +132,22 @@ def test_rows_too_short_for_the_question_keep_the_response_marker_and_answer(tok
     assert tiny["input_ids"].shape == (3, 3) and tiny_stats["clipped"] == 3
 
 
+def test_train_answers_are_what_follows_the_response_marker_and_a_space(fixtures, first):
+    """With a byte-level BPE tokenizer the answer's first token carries the space ("ĠDenver"), as a model
+    writes it after "### Response:"; sentencepiece's dummy prefix gives the same ids as the answer alone."""
+    bpe = fixtures / "bpe768" / "tokenizer.json"
+    if not bpe.is_file():
+        pytest.skip("no byte-level BPE tokenizer fixture here")
+    tokenizer = Tokenizer(bpe)
+    columns, _ = squad_columns(first[:5], tokenizer, 2048, "train")
+    lead = tokenizer.encode(RESPONSE)
+    for example, labels in zip(first, columns["labels"]):
+        answer = labels[labels != IGNORE].tolist()[:-1]
+        assert answer == tokenizer.encode(f"{RESPONSE} {example.answers[0]}")[len(lead):] != \
+            tokenizer.encode(example.answers[0])
+        assert tokenizer.decode(answer) == f" {example.answers[0]}"
+
+
 def test_eval_matches_mindformers_on_squad_dev(llama2_tokenizer, shared_data, shared_fixtures):
     """squad_data_process.py --mode eval --max_length 2048 on dev-v1.1.json, every row."""
     reference = shared_fixtures / "mindformers_records"
@@ -164,6 +200,16 @@ def test_cli_train_mode(tmp_path, tok512, fixtures, capsys):
     assert result["rows"] == 30 and result["row_length"]["input_ids"] == 301 and result["truncated"] > 0
     assert verify(tmp_path / "out")["stats"]["mode"] == "train"
     assert len(read_answers(tmp_path / "out" / ANSWERS_FILE)) == 30
+
+
+def test_cli_articles_are_recorded_with_the_rows(tmp_path, tok512, fixtures, capsys):
+    source = fixtures / "squad_dev_first_questions.json"
+    assert squad_cli(tmp_path, tok512, source, "--articles", "6:", "--mode", "train", max_length="255") == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["rows"] == 168 and verify(tmp_path / "out")["stats"]["articles"] == "6:"
+    assert squad_cli(tmp_path, tok512, source, "--articles", "6", output=tmp_path / "bad") == 1
+    assert_one_line_error(capsys, "articles must be START:STOP")
+    assert not (tmp_path / "bad").exists()
 
 
 def broken(squad_slice, edit):

@@ -3,9 +3,11 @@
 Each question's prompt is MindFormers' squad eval record (BOS + "Read the passage and answer the question
 below. ... ### Response:", built by `llama.data.squad`, whose context-side truncation keeps prompts within
 the model's context less `max_new_tokens`). The model answers greedily with the KV cache
-(`llama.generate.generate`, batched, prompts sorted by length), up to `max_new_tokens` (MindFormers: 20) or
-EOS. Every answer is scored by the official SQuAD scorer (all gold answers) and by MindFormers' EmF1Metric
-(first gold answer), see `llama.eval.metrics`.
+(`llama.generate.generate`, batched, prompts sorted by length), up to `max_new_tokens` (MindFormers: 20), EOS,
+or the end of its first line: the answer is its first non-blank line (MindFormers' metric reads only the
+first line too, and a model that goes on past its answer only adds words to it). Every answer is scored by
+the official SQuAD scorer (all gold answers) and by MindFormers' EmF1Metric (first gold answer), see
+`llama.eval.metrics`.
 
 Written to the output folder (atomically): predictions.parquet and predictions.jsonl (id, question,
 prediction, gold answers, per-question scores under both conventions), worst_answers.md (the lowest-F1
@@ -93,14 +95,16 @@ def answer_questions(model, tokenizer, questions: list[Question], max_new_tokens
         raise PipelineError(f"batch size must be at least 1, got {batch_size}")
     order = sorted(range(len(questions)), key=lambda i: len(questions[i].prompt_ids))
     answers, generated = [""] * len(questions), 0
+    line_breaks = [i for i in range(tokenizer.vocab_size) if "\n" in tokenizer.decode([i])]
     with Progress("squad", total=len(questions), unit="questions", enabled=show_progress) as progress:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             outputs = generate(model, [questions[i].prompt_ids for i in batch], max_new_tokens,
-                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, stop_ids=line_breaks)
             for index, ids in zip(batch, outputs):
                 generated += len(ids)
-                answers[index] = tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids)
+                text = tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids)
+                answers[index] = next((line.strip() for line in text.split("\n") if line.strip()), "")
             progress.update(len(batch))
     return answers, generated
 
