@@ -164,7 +164,8 @@ def check_pipeline_config(config: str, overrides: list[str] | None = None) -> tu
     data, data_base = load_flow_config(str(resolve_path(settings["data"], base)), schema=DataConfig)
     sources, data_sources = _sources(settings, base), _sources(data, data_base)
     for value in (data["tokenizer"], *(spec["input"] for spec in data["datasets"].values())):
-        check_input(value, data_sources, data_base)
+        if value is not None:   # no tokenizer: the pipeline tokenizes with the converted model's own
+            check_input(value, data_sources, data_base)
     model = settings["model"]
     for value in (model["weights"], model.get("tokenizer")):
         if value is not None:
