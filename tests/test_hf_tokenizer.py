@@ -195,9 +195,12 @@ def test_squad_and_alpaca_records_use_the_tokenizers_ids(bpe768, fixtures, tmp_p
     assert cli(["preprocess", "squad", "--input", str(fixtures / "squad_dev_slice.json"), "--tokenizer",
                 str(bpe768), "--max-length", "512", "--mode", "train", "--output", str(squad_out)]) == 0
     example = read_squad(json.loads((fixtures / "squad_dev_slice.json").read_text("utf-8")))[0]
-    prompt, answer = theirs([example.prompt(), example.answers[0]], add_special_tokens=False)["input_ids"]
+    # the answer is the ids that follow the prompt in prompt + " " + answer (byte-level BPE: " Denver" is one)
+    prompt, full = theirs([example.prompt(), example.prompt() + " " + example.answers[0]],
+                          add_special_tokens=False)["input_ids"]
+    assert full[:len(prompt)] == prompt
     row = read_columns(squad_out)["input_ids"][0].tolist()
-    expected = [1] + prompt + answer + [0]
+    expected = [1] + full + [0]
     assert row == expected + [0] * (513 - len(expected))
     assert cli(["preprocess", "alpaca", "--input", str(fixtures / "alpaca_seed_tasks.json"), "--tokenizer",
                 str(bpe768), "--seq-length", "256", "--output", str(alpaca_out)]) == 0
