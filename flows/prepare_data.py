@@ -14,6 +14,7 @@ from prefect import flow
 
 from flows.common import Inputs, outcome
 from llama.fileio import MANIFEST, sha256_file
+from llama.errors import PipelineError
 from llama.pipeline_config import load_flow_config
 from tasks.data import preprocess
 from tasks.tracking import Run

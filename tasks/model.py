@@ -77,5 +77,8 @@ def register(checkpoint: str, name: str, metrics: dict, run_id: str, tags: dict 
         numeric = {k: float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow.log_metrics(numeric, model_id=logged.model_id)
-    return {"model_name": name, "version": int(logged.registered_model_version), "run_id": run_id,
+    version_number = int(logged.registered_model_version)
+    for key, value in numeric.items():   # also on the version page, where the registry's UI shows tags
+        mlflow.MlflowClient().set_model_version_tag(name, str(version_number), f"metric.{key}", str(value))
+    return {"model_name": name, "version": version_number, "run_id": run_id,
             "model_uri": f"models:/{name}/{logged.registered_model_version}", "model_id": logged.model_id}

@@ -13,8 +13,9 @@ Per device, for the recipe's data x model x pipeline parallel layout (the worst 
   probabilities, the SwiGLU's three intermediates), with and without recomputation (then only each layer's
   input plus one layer's full set); 1F1B pipelining keeps min(pipeline_stage, micro_batch_num) micro-batches
   in flight on the first stage, so pipelining does not shrink this term;
-- logits: float32 [tokens, vocab] tensors: the training step runs the forward once for the loss value and
-  once inside the gradient pass (logits and log-probabilities each time), then the gradients of both: six;
+- logits: float32 [tokens, vocab] tensors of the loss: the logits and log-probabilities of the forward (which
+  the training step runs for the loss value and again inside the gradient pass) and their gradients; five are
+  alive at the peak, as measured here;
 - runtime: the framework's own resident memory (interpreter, MindSpore, compiled graphs), measured here.
 
 Model parallelism divides the matmul weights, their activations and the vocabulary by `model_parallel`;
@@ -37,10 +38,9 @@ from llama.train.config import TrainConfig
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Resident memory of a MindSpore CPU training process before its model counts: interpreter, MindSpore's
-# libraries and runtime, the compiled graphs of a tiny model. Measured here: `train` of the tiny recipes at
-# one row of 128-256 tokens peaks at 1.02-1.16 GiB, of which weights, optimizer and logits are 0.26-0.40.
-RUNTIME_BYTES = int(0.75 * GiB)
-LOGIT_TENSORS = 6
+# libraries and runtime, the compiled graphs of a tiny model, measured here from `train` of the tiny recipes.
+RUNTIME_BYTES = int(0.55 * GiB)
+LOGIT_TENSORS = 5
 MATMUL = re.compile(r"\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
 
 
