@@ -69,7 +69,20 @@ def test_served_deployment_runs_and_is_recorded_in_mlflow(tmp_path, processes):
     version = model["latest_versions"][0]
     tags = {t["key"]: t["value"] for t in version.get("tags", [])}
     assert float(tags["metric.ppl_mindformers"]) == pytest.approx(metrics["finetuned.ppl_mindformers"])
-    artifacts = get(f"{mlflow_url}/api/2.0/mlflow/artifacts/list?"
-                     + urllib.parse.urlencode({"run_id": version["run_id"], "path": "model"}))
-    assert {"manifest.json", "model.ckpt", "model_config.json", "tokenizer.model"} <= {
-        Path(f["path"]).name for f in artifacts["files"]}
+    assert version["source"].startswith("models:/m-"), version["source"]   # the version points at a logged model
+    files = _logged_model_files(mlflow_url, version["source"].removeprefix("models:/"))
+    assert {"MLmodel", "manifest.json", "model.ckpt", "model_config.json",
+            "tokenizer.model"} <= {Path(f).name for f in files}
+
+
+def _logged_model_files(mlflow_url: str, model_id: str, directory: str = "") -> list[str]:
+    """Every file of a logged model (MLflow 3 keeps a model's artifacts apart from its run's)."""
+    query = urllib.parse.urlencode({"artifact_directory_path": directory} if directory else {})
+    listing = get(f"{mlflow_url}/api/2.0/mlflow/logged-models/{model_id}/artifacts/directories?{query}")
+    files = []
+    for entry in listing.get("files", []):
+        if entry.get("is_dir"):
+            files += _logged_model_files(mlflow_url, model_id, entry["path"])
+        else:
+            files.append(entry["path"])
+    return files
