@@ -4,10 +4,14 @@
     generate(model, prompt_ids: list[list[int]], max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
              seed=0, eos_id=2, pad_id=0, stop_ids=()) -> list[list[int]]   # each prompt's new ids (EOS included)
 
-Prompts are left-padded into one batch. One prefill step writes every prompt position into a KV cache of
-fixed length (longest prompt + max_new_tokens, rounded up to buckets); then each decode step writes one slot.
-Steps have static shapes, so each graph is compiled once by `mindspore.jit` and reused for every token and for
-later calls of similar lengths (on this CPU a compiled step is about 100x faster than PyNative). A step takes
+Prompts are left-padded into one batch. Prefill writes the prompt positions into a KV cache of fixed length
+(longest prompt + max_new_tokens, rounded up to buckets) in chunks of at most PREFILL_CHUNK tokens; then each
+decode step writes one slot. Steps have static shapes, so each graph is compiled once by `mindspore.jit` and
+reused for every token and for later calls of similar lengths (on this CPU a compiled step is about 100x faster
+than PyNative). Chunks keep the number of graphs small: prompts of any length above a chunk share one prefill
+graph, and a caller that runs many batches (SQuAD) sizes every batch's cache for its longest prompt
+(`longest_prompt`), so that one prefill and one decode graph serve them all — for a 30-layer model each graph
+costs tens of seconds to compile. A step takes
 only the tokens, the first cache slot they fill and each row's padding; positions, the attention mask and
 the cache slots are computed in the graph. Padding slots are masked out of attention and rotary positions
 count from each prompt's first real token, so a padded prompt decodes exactly as it does alone.
@@ -29,6 +33,7 @@ from llama.errors import PipelineError
 from llama.model import NEG_INF
 
 PROMPT_BUCKET = 16
+PREFILL_CHUNK = 128
 CACHE_BUCKET = 64
 
 
@@ -129,28 +134,42 @@ def _compiled(model, kind: str, make):
     return cache[kind]
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _padded_prompt(longest: int) -> tuple[int, int]:
+    """(padded length, prefill chunk) for prompts of up to `longest` tokens: short prompts are one chunk
+    rounded up to PROMPT_BUCKET; longer ones whole chunks of PREFILL_CHUNK."""
+    chunk = min(PREFILL_CHUNK, _round_up(longest, PROMPT_BUCKET))
+    return _round_up(longest, chunk), chunk
+
+
 def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, eos_id: int | None = 2, pad_id: int = 0,
-             stop_ids: Collection[int] = ()) -> list[list[int]]:
+             stop_ids: Collection[int] = (), longest_prompt: int | None = None) -> list[list[int]]:
     """New token ids for each prompt; a row stops after `eos_id` (kept) or `max_new_tokens` (None: no EOS), or
     after one of `stop_ids` (kept) that is not its first new token (e.g. line breaks: an answer may start on
-    a new line)."""
+    a new line). `longest_prompt` sizes the cache for prompts up to that length instead of this batch's
+    longest, so that calls on batches of different lengths share compiled graphs."""
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise PipelineError("every prompt needs at least one token (e.g. BOS)")
     if max_new_tokens < 1:
         return [[] for _ in prompt_ids]
     config = model.config
     batch, longest = len(prompt_ids), max(len(p) for p in prompt_ids)
-    if longest + max_new_tokens > config.max_position_embeddings:
-        raise PipelineError(f"prompt ({longest}) + max new tokens ({max_new_tokens}) exceeds the model's "
+    reserved = max(longest, longest_prompt or 0)
+    if reserved + max_new_tokens > config.max_position_embeddings:
+        raise PipelineError(f"prompt ({reserved}) + max new tokens ({max_new_tokens}) exceeds the model's "
                             f"{config.max_position_embeddings} positions")
     greedy = temperature <= 0
     chunk = greedy_chunk_steps(config) if greedy else 1
     # Round the padded prompt and the cache up to buckets, so calls with similar lengths share compiled graphs.
     # After the prefill's token, decode steps come in whole chunks: the cache holds every slot they write.
-    prompt_len = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
-    decode_slots = -(-(max_new_tokens - 1) // chunk) * chunk
-    length = -(-(prompt_len + decode_slots) // CACHE_BUCKET) * CACHE_BUCKET
+    reserved_len, prefill_chunk = _padded_prompt(reserved)
+    prompt_len = _round_up(longest, prefill_chunk)
+    decode_slots = _round_up(max_new_tokens - 1, chunk)
+    length = _round_up(reserved_len + decode_slots, CACHE_BUCKET)
     pads = np.array([prompt_len - len(p) for p in prompt_ids], dtype=np.int32)
     tokens = np.full((batch, prompt_len), pad_id, dtype=np.int32)
     for row, ids in enumerate(prompt_ids):
@@ -161,8 +180,10 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
         step_chunk = _compiled(model, f"greedy{chunk}", lambda: GreedyChunk(DecodeStep(model), chunk))
     pads = ms.Tensor(pads)
     # mutable: the caches are graph inputs, not constants that would force a recompile per step
-    logits, caches = step(ms.Tensor(tokens), ms.Tensor(0, ms.int32), pads,
-                          ms.mutable(model.init_kv_cache(batch, length)))
+    caches = model.init_kv_cache(batch, length)
+    for first in range(0, prompt_len, prefill_chunk):
+        logits, caches = step(ms.Tensor(tokens[:, first:first + prefill_chunk]), ms.Tensor(first, ms.int32), pads,
+                              ms.mutable(caches))
 
     out = [[] for _ in prompt_ids]
     done = np.zeros(batch, dtype=bool)

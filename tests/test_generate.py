@@ -40,6 +40,16 @@ def test_left_padded_batch_decodes_each_prompt_as_alone(model, prompts):
     assert batch == alone
 
 
+def test_chunked_prefill_and_a_reserved_cache_decode_as_one_prefill(model, prompts, monkeypatch):
+    import llama.generate
+
+    whole = generate(model, prompts, max_new_tokens=10, eos_id=None)
+    reserved = generate(model, prompts, max_new_tokens=10, eos_id=None, longest_prompt=40)
+    monkeypatch.setattr(llama.generate, "PREFILL_CHUNK", 4)   # the 5..12-token prompts in chunks of 4
+    chunked = generate(model, prompts, max_new_tokens=10, eos_id=None)
+    assert chunked == whole and reserved == whole
+
+
 def test_stops_at_eos(model, prompts):
     greedy = generate(model, [prompts[0]], max_new_tokens=16, eos_id=None)[0]
     eos = greedy[3]
