@@ -43,23 +43,27 @@ LOGITS_PER_FORWARD = 4096 * 32000
 class TokenNLL:
     """Compiled per-token negative log-likelihood of `targets` given `inputs`, both int32 [rows, length]."""
 
-    def __init__(self, model, rows: int):
+    def __init__(self, model, rows: int, length: int | None = None):
+        """`rows` per forward; `length`: right-pad shorter inputs to it (a causal model's earlier positions do not
+        see the padding), so that differently long inputs share one compiled graph."""
         import mindspore as ms
 
         model.set_train(False)
-        self.rows, self.config, self._tensor = rows, model.config, ms.Tensor
+        self.rows, self.length, self.config, self._tensor = rows, length, model.config, ms.Tensor
         self._nll = _compiled_nll(model)
 
     def __call__(self, inputs: np.ndarray, targets: np.ndarray, progress: Progress | None = None) -> np.ndarray:
         """float64 [n, length] NLL for any number of rows, `self.rows` at a time."""
         self.config.check_fits("data", ids=inputs)
         self.config.check_fits("data", ids=targets)
+        width = inputs.shape[1]
+        columns = max(width, self.length or 0)
         out = np.empty(inputs.shape, dtype=np.float64)
         for start in range(0, len(inputs), self.rows):
             stop = min(start + self.rows, len(inputs))
-            batch_in, batch_tgt = _pad_rows(inputs[start:stop], self.rows), _pad_rows(targets[start:stop], self.rows)
+            batch_in, batch_tgt = (_pad(rows[start:stop], self.rows, columns) for rows in (inputs, targets))
             nll = self._nll(self._tensor(batch_in), self._tensor(batch_tgt)).asnumpy()
-            out[start:stop] = nll[:stop - start]
+            out[start:stop] = nll[:stop - start, :width]
             if progress is not None:
                 progress.update(int(inputs[start:stop].size))
         return out
@@ -79,11 +83,13 @@ def _compiled_nll(model):
     return model._nll_graph
 
 
-def _pad_rows(rows: np.ndarray, count: int) -> np.ndarray:
-    rows = np.ascontiguousarray(rows, dtype=np.int32)
-    if len(rows) == count:
-        return rows
-    return np.concatenate([rows, np.zeros((count - len(rows), rows.shape[1]), np.int32)])
+def _pad(rows: np.ndarray, count: int, columns: int) -> np.ndarray:
+    """int32 [count, columns]: `rows` with zeros below and to the right."""
+    if rows.shape == (count, columns):
+        return np.ascontiguousarray(rows, dtype=np.int32)
+    padded = np.zeros((count, columns), np.int32)
+    padded[:rows.shape[0], :rows.shape[1]] = rows
+    return padded
 
 
 def forward_rows(length: int, vocab_size: int, logits_per_forward: int = LOGITS_PER_FORWARD) -> int:
@@ -226,11 +232,14 @@ def evaluate_perplexity(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     model, config = load_model(checkpoint, dtype, model_config, adapter)
     result = {"convention": convention, "checkpoint": str(checkpoint), "data": str(data)}
 
-    def run(label: str, rows_total: int, length: int, compute):
+    def token_nll(length: int) -> TokenNLL:
+        return TokenNLL(model, forward_rows(length, config.vocab_size, logits_per_forward), length)
+
+    def run(label: str, rows_total: int, length: int, compute, nll: TokenNLL | None = None):
         config.check_fits(label, length=length)
         with Progress(f"perplexity ({label})", total=rows_total * length, unit="tokens",
                       enabled=show_progress) as progress:
-            return compute(TokenNLL(model, forward_rows(length, config.vocab_size, logits_per_forward)), progress)
+            return compute(nll or token_nll(length), progress)
 
     if records:
         rows = read_columns(data)["input_ids"]
@@ -248,12 +257,15 @@ def evaluate_perplexity(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     window = window if window is not None else config.max_position_embeddings
     ids = standard_ids(text, tok)  # as `preprocess wiki --mode standard`
     windows = standard_windows(ids, window)
-    result.update(run(f"ctx{window}", len(windows), window - 1, lambda fn, p: standard_perplexity(fn, windows, p)))
+    rolling = rolling_window if rolling_window is not None else config.max_position_embeddings
     if lm_eval:
-        rolling = rolling_window if rolling_window is not None else config.max_position_embeddings
         config.check_fits("rolling window", length=rolling)
+    # the windows (window - 1 inputs) and lm-eval's rolling windows share one compiled graph
+    nll = token_nll(max(window - 1, rolling if lm_eval else 0))
+    result.update(run(f"ctx{window}", len(windows), window - 1, lambda fn, p: standard_perplexity(fn, windows, p),
+                      nll))
+    if lm_eval:
         with Progress("perplexity (lm-eval rolling)", unit="tokens", enabled=show_progress) as progress:
-            fn = TokenNLL(model, forward_rows(rolling, config.vocab_size, logits_per_forward))
-            result.update(lm_eval_wikitext(fn, text, tok, rolling, progress))
+            result.update(lm_eval_wikitext(nll, text, tok, rolling, progress))
     return result
 
