@@ -23,6 +23,14 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local SQLite store (MLflow's default, ./mlruns,
+    is relative to whatever folder the process started in); a server's own default otherwise."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
 def client():
     from mlflow.tracking import MlflowClient
 
@@ -47,7 +55,8 @@ class Run:
               tags: dict[str, str] | None = None) -> "Run":
         mlflow_client = client()
         found = mlflow_client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else mlflow_client.create_experiment(experiment)
+        experiment_id = found.experiment_id if found else mlflow_client.create_experiment(
+            experiment, artifact_location=artifact_location(tracking_uri()))
         all_tags = {"mlflow.runName": name, **(tags or {})}
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent.run_id if isinstance(parent, Run) else parent
