@@ -18,7 +18,9 @@ largest tensor. Needs ~45 GB of disk in FOLDER and the machine to itself.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,11 +94,14 @@ def main() -> None:
             "--tokenizer", str(TOKENIZER), "--seq-length", "256", "--output", str(alpaca))
     run_dir = work / "lora"
     shutil.rmtree(run_dir, ignore_errors=True)
-    _, train_peak = stage("train", CLI, "train", "--config", str(REPO / "configs" / "train" / "lora_llama2_7b.yaml"),
-                          "--output-dir", str(run_dir), f"data.train={alpaca}", f"model.checkpoint={ms_dir}",
-                          "model.config=null", "model.compute_dtype=float16", "pet.lora_rank=8",
-                          "data.batch_size=1", "training.max_steps=3", "parallel.data_parallel=1",
-                          "checkpoint.save_steps=3")
+    recipe = str(REPO / "configs" / "train" / "lora_llama2_7b.yaml")
+    settings = [f"data.train={alpaca}", f"model.checkpoint={ms_dir}", "model.config=null", "model.compute_dtype=float16",
+                "pet.lora_rank=8", "data.batch_size=1", "training.max_steps=3", "parallel.data_parallel=1",
+                "checkpoint.save_steps=3"]
+    _, train_peak = stage("train", CLI, "train", "--config", recipe, "--output-dir", str(run_dir), *settings)
+    plan = subprocess.run([sys.executable, "-c", CLI, "plan", "--config", recipe, "--json", *settings],
+                          capture_output=True, text=True, check=True, cwd=REPO)
+    planned = json.loads(plan.stdout.splitlines()[-1])["total_gib"] * 2 ** 30
     merged = work / "merged_hf"
     shutil.rmtree(merged, ignore_errors=True)
     _, merge_peak = stage("merge", CLI, "merge", str(run_dir), "--output", str(merged), "--format", "hf")
@@ -106,6 +111,7 @@ def main() -> None:
     print(f"generate peak / weights         = {generate_peak / weights:5.2f}  (goal <= 1.15)")
     print(f"eval ppl peak / weights         = {ppl_peak / weights:5.2f}  (goal <= 1.15)")
     print(f"LoRA train peak / weights       = {train_peak / weights:5.2f}  (goal <= 1.4)")
+    print(f"LoRA train plan / measured peak = {planned / train_peak:5.2f}  (goal within 0.85..1.15)")
     print(f"merge (peak - interpreter) / largest tensor = {(merge_peak - interpreter) / largest:5.2f}  (goal <= 2)")
     if not args.keep:
         shutil.rmtree(work)
