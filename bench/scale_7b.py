@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("folder", type=Path, help="scratch folder for the checkpoints (~45 GB)")
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (fewer for a quick look)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not TOKENIZER.is_file():
         raise SystemExit(f"needs the Llama 2 tokenizer at {TOKENIZER} (../shared/data)")
@@ -62,8 +63,11 @@ def main() -> None:
     work = args.folder
     work.mkdir(parents=True, exist_ok=True)
     hf, ms_dir = work / "hf", work / "ms"
-    if not hf.is_dir():
+    if args.make_only:
         make_model(hf, config)
+        return
+    if not hf.is_dir():   # in a child process, so this one stays small: a child's peak RSS counts its parent's
+        subprocess.run([sys.executable, __file__, str(work), "--layers", str(args.layers), "--make-only"], check=True)
     print(f"model: {args.layers} layers, {weights / 2 / 1e9:.2f}B parameters, {weights / 1e9:.2f} GB float16, "
           f"largest tensor {largest / 1e6:.0f} MB", flush=True)
     rows = []
