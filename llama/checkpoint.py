@@ -795,11 +795,14 @@ def save_checkpoint(model_or_params, out_dir: str | os.PathLike, config: ModelCo
                             progress=False, allow_nonfinite=True)
 
 
-def load_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = None, dtype: str | None = None):
+def load_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = None, dtype: str | None = None,
+                    into=None):
     """Build `LlamaForCausalLM` from any supported checkpoint (checksums verified first); return (model, config).
 
     `dtype` sets how weights are stored (float32, float16, bfloat16); it is also the compute dtype where the
-    device computes in it (llama.device). None keeps the checkpoint's dtype.
+    device computes in it (llama.device). None keeps the checkpoint's dtype. `into`: a model of the same
+    config whose weights are overwritten in place instead of building a new one, so that the graphs already
+    compiled for it serve the new weights (ignored where the configs differ).
     """
     from llama.device import compute_dtype_here
     from llama.model import LlamaForCausalLM
@@ -811,18 +814,28 @@ def load_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = 
             raise PipelineError(f"unknown dtype {dtype!r} (float32, float16 or bfloat16)")
         config = config.replace(param_dtype=dtype, compute_dtype=dtype)
     config = config.replace(compute_dtype=compute_dtype_here(config.compute_dtype))
-    model = LlamaForCausalLM(config)
-    assign_weights(model, source)
+    reuse = into is not None and into.config == config
+    model = into if reuse else LlamaForCausalLM(config)
+    assign_weights(model, source, in_place=reuse)
     return model, config
 
 
-def assign_weights(model, source: Source) -> None:
+def assign_weights(model, source: Source, in_place: bool = False) -> None:
     """Set every weight of `model` from the checkpoint's tensor of the same name, cast to the model's dtype
-    and converted to the model's layout."""
+    and converted to the model's layout. `in_place` copies into the existing parameter memory (ops.assign):
+    a compiled graph reads its parameters from there, and would keep reading the old weights after
+    `set_data`, which gives a parameter new memory."""
     import mindspore as ms
+    from mindspore import ops
     from llama.model import checkpoint_layout
 
     params = dict(model.parameters_and_names())
+    if in_place and set(params) != set(source.entries):
+        raise PipelineError(f"{source.path} does not hold exactly the model's weights")
     wanted = NP_DTYPES[model.config.param_dtype]
     for name, entry in source.entries.items():
-        params[name].set_data(ms.Tensor(checkpoint_layout(name, entry.read().astype(wanted, copy=False))))
+        value = ms.Tensor(checkpoint_layout(name, entry.read().astype(wanted, copy=False)))
+        if in_place:
+            ops.assign(params[name], value)
+        else:
+            params[name].set_data(value)

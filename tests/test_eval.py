@@ -123,6 +123,38 @@ def test_perplexity_end_to_end_is_finite_and_reproducible(stories):
 
 
 @pytest.mark.slow
+def test_a_warm_model_takes_the_next_checkpoints_weights_and_keeps_its_graphs(stories, tmp_path):
+    import mindspore as ms
+
+    from llama.checkpoint import load_checkpoint, save_checkpoint
+    from llama.eval import loading
+
+    ckpt, records = stories / "ckpt", stories / "wiki_mf"
+    other, config = load_checkpoint(ckpt)
+    for name, param in other.parameters_and_names():
+        if "norm" in name:
+            param.set_data(param.value() * 1.5)
+    save_checkpoint(other, tmp_path / "other", config)
+
+    def metrics(result: dict) -> dict:
+        return {k: v for k, v in result.items() if k.startswith(("ppl_", "loss_"))}
+
+    fresh = metrics(evaluate_perplexity(tmp_path / "other", records, "mindformers", show_progress=False))
+    try:
+        with loading.warm_models():
+            first = metrics(evaluate_perplexity(ckpt, records, "mindformers", show_progress=False))
+            warm = loading._Warm.model
+            graph = warm._nll_graph
+            second = metrics(evaluate_perplexity(tmp_path / "other", records, "mindformers", show_progress=False))
+            ms.ms_memory_recycle()   # as the pipeline's tasks do between models
+            third = metrics(evaluate_perplexity(ckpt, records, "mindformers", show_progress=False))
+        assert loading._Warm.model is warm and warm._nll_graph is graph
+        assert second == fresh and third == first != second
+    finally:
+        loading.release_warm_model()
+
+
+@pytest.mark.slow
 def test_squad_end_to_end_writes_scored_predictions(stories, fixtures, tmp_path):
     args = dict(questions="all", limit=6, batch_size=3, worst=2, show_progress=False)
     result = evaluate_squad(stories / "ckpt", fixtures / "squad_dev_slice.json", tmp_path / "a", **args)
