@@ -38,6 +38,7 @@ MINDFORMERS_EVAL_BATCH = 1  # pretrain_llama2_7b.yaml: eval_dataset.batch_size c
 # rows per forward = this // (row length * vocab): bounds the float32 [rows, length, vocab] logits and their
 # log-softmax to about 0.5 GB each (4096 tokens of a 32000-word vocabulary, 2666 of SmolLM2's 49152)
 LOGITS_PER_FORWARD = 4096 * 32000
+LENGTH_BUCKET = 64
 
 
 class TokenNLL:
@@ -233,7 +234,10 @@ def evaluate_perplexity(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     result = {"convention": convention, "checkpoint": str(checkpoint), "data": str(data)}
 
     def token_nll(length: int) -> TokenNLL:
-        return TokenNLL(model, forward_rows(length, config.vocab_size, logits_per_forward), length)
+        # columns rounded up to a multiple of LENGTH_BUCKET: evaluations of nearby lengths (MindFormers' rows of
+        # 255, windows of 256) share one compiled graph, which a warm model keeps (llama.eval.loading)
+        columns = max(length, min(-(-length // LENGTH_BUCKET) * LENGTH_BUCKET, config.max_position_embeddings))
+        return TokenNLL(model, forward_rows(columns, config.vocab_size, logits_per_forward), columns)
 
     def run(label: str, rows_total: int, length: int, compute, nll: TokenNLL | None = None):
         config.check_fits(label, length=length)
