@@ -1,8 +1,11 @@
 """The whole workflow as one cached DAG, in the order of the seed README's sections:
 
     dataset preparation ─┐
-    weight conversion ───┴─> evaluate the base ──> training ─> merge ─> evaluate the finetuned ─> register
-                             (perplexity, both conventions; SQuAD EM/F1; sample generations — each, for both)
+    weight conversion ───┴─> training ─> merge ─> evaluate the base and the finetuned model ─> register
+                                                  (perplexity, both conventions; SQuAD EM/F1; samples)
+
+Each evaluation runs on the base and then on the finetuned model, one after the other, so the second reuses
+the first's model and compiled graphs (llama.eval.loading: for a 30-layer model, tens of seconds a graph).
 
 Every stage is a cached task (tasks/): a rerun with nothing changed executes none, and a changed setting
 reruns exactly the stages after it (a new learning rate reruns training and the finetuned model's
@@ -18,7 +21,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from prefect import flow, runtime
+from prefect import allow_failure, flow, runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.common import REPO, Inputs, outcome
@@ -154,9 +157,6 @@ def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages
     datasets = data["datasets"]
     base_checkpoint = base_checkpoint or finish_convert()
     evaluation = Evaluation(settings.get("evaluate") or {}, datasets, resolve, work_dir, stages)
-
-    # The base model's evaluations are submitted first; training waits for them (one MindSpore model at a time).
-    evaluation.submit("base", base_checkpoint["checkpoint"])
     checkpoint, trained, recipe_name, adapter = base_checkpoint["checkpoint"], {}, None, None
     if train_settings:
         if train_settings["dataset"] not in datasets:
@@ -176,8 +176,9 @@ def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages
             checkpoint = stages.finish("merge", merge_run, train.merge.submit(
                 trained["output_dir"], base_checkpoint["checkpoint"], tokenizer, work_dir,
                 settings.get("merge", {}).get("format", "ckpt")))["checkpoint"]
-        evaluation.submit("finetuned", checkpoint, adapter)
 
+    evaluation.submit({"base": (base_checkpoint["checkpoint"], None),
+                       **({"finetuned": (checkpoint, adapter)} if train_settings else {})})
     results = evaluation.collect()
     metrics = {f"{name}.{key}": value for name, values in results.items() for key, value in values.items()}
     if len(results) == len(MODELS):
@@ -221,40 +222,46 @@ class Evaluation:
     def _data(self, value: str):
         return self.datasets[value]["output"] if value in self.datasets else self.resolve(value)
 
-    def _blocks(self, model_name: str):
-        """(evaluation, options) of every evaluation configured for this model."""
+    def _blocks(self):
+        """(evaluation, options, models it runs on) of every configured evaluation."""
         blocks = [(f"perplexity-{convention}", options)
                   for convention, options in (self.settings.get("perplexity") or {}).items()]
         blocks += [(kind, self.settings[kind]) for kind in ("squad", "samples") if self.settings.get(kind)]
         for evaluation, options in blocks:
             options = dict(options)
-            if model_name in options.pop("models", MODELS):
-                yield evaluation, options
+            yield evaluation, options, options.pop("models", MODELS)
 
-    def submit(self, model_name: str, checkpoint: str, adapter: str | None = None) -> None:
-        """Start every evaluation of one model (a checkpoint, with an unmerged prefix `adapter` run if given);
-        their tasks queue for the model lock."""
-        for evaluation, options in self._blocks(model_name):
-            stage = f"{evaluation}-{model_name}"
-            run = self.stages.start(stage, {"evaluation": evaluation, "model": model_name})
-            self.jobs.append((model_name, stage, run, *self._start(evaluation, checkpoint, adapter, options, stage)))
+    def submit(self, models: dict[str, tuple[str, str | None]]) -> None:
+        """Start every evaluation of the models (name: (checkpoint, unmerged prefix `adapter` run or None)),
+        each evaluation on every model in turn: a task waits for the one before it, whatever its outcome."""
+        previous = None
+        for evaluation, options, runs_on in self._blocks():
+            for model_name, (checkpoint, adapter) in models.items():
+                if model_name not in runs_on:
+                    continue
+                stage = f"{evaluation}-{model_name}"
+                run = self.stages.start(stage, {"evaluation": evaluation, "model": model_name})
+                wait_for = [allow_failure(previous)] if previous is not None else None
+                future, log = self._start(evaluation, checkpoint, adapter, dict(options), stage, wait_for)
+                self.jobs.append((model_name, stage, run, future, log))
+                previous = future
 
-    def _start(self, evaluation: str, checkpoint: str, adapter: str | None, options: dict, stage: str):
+    def _start(self, evaluation: str, checkpoint: str, adapter: str | None, options: dict, stage: str, wait_for):
         """The future of one evaluation's task, and how its result is logged: `log(run, result, outcome)`."""
         named = {"task_run_name": stage}
         if evaluation == "samples":
             prompts = options.pop("prompts")
             return (evaluate.samples.with_options(**named).submit(checkpoint, prompts, options, self.work_dir,
-                                                                             adapter),
+                                                                  adapter, wait_for=wait_for),
                     lambda run, result, _: evaluate.log_samples(run, result))
         dataset = options.pop("data")
         if evaluation == "squad":
             return (evaluate.squad.with_options(**named).submit(checkpoint, self._data(dataset), options,
-                                                                self.work_dir, adapter),
+                                                                self.work_dir, adapter, wait_for=wait_for),
                     lambda run, result, _: evaluate.log_squad(run, result, dataset))
         convention = evaluation.removeprefix("perplexity-")
         return (evaluate.perplexity.with_options(**named).submit(checkpoint, self._data(dataset), convention, options,
-                                                                 self.work_dir, adapter),
+                                                                 self.work_dir, adapter, wait_for=wait_for),
                 lambda run, result, _: evaluate.log_perplexity(run, result, dataset))
 
     def collect(self) -> dict[str, dict[str, float]]:
