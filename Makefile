@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench bench-7b clean
 
 # Prefect's state (its SQLite database, cached task results) stays in this checkout unless you point
 # PREFECT_HOME or PREFECT_API_URL elsewhere; `prefect server start` with the same PREFECT_HOME shows the runs.
@@ -33,9 +33,14 @@ test: venv
 test-fast: venv
 	LLAMA2_PIPELINE_SMOLLM2_GGUF="$(REAL_MODEL)" $(BIN)/python tests/run_suite.py -m "not slow"
 
-# every script in bench/ but the side-by-side helper they import
+# every script in bench/ but the side-by-side helper they import and the 7B run (below)
 bench: venv
-	for script in $(filter-out bench/sidebyside.py,$(wildcard bench/*.py)); do $(BIN)/python $$script || exit 1; done
+	for script in $(filter-out bench/sidebyside.py bench/scale_7b.py,$(wildcard bench/*.py)); do $(BIN)/python $$script || exit 1; done
+
+# Llama-2-7B at full size, every stage: ~45 GB of scratch disk, the machine to itself, about half an hour
+SCALE_DIR ?= work/scale7b
+bench-7b: venv
+	$(BIN)/python bench/scale_7b.py $(SCALE_DIR)
 
 clean:
 	rm -rf $(VENV) work mlruns mlflow.db .pytest_cache
