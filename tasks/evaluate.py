@@ -38,7 +38,7 @@ def perplexity(checkpoint: str, data: str, convention: str, settings: dict, work
     """Perplexity of a checkpoint (with an unmerged adapter run) on a records folder (mindformers) or raw
     WikiText (standard)."""
     out = PERPLEXITY.output_dir(locals())
-    with one_model():
+    with one_model(warm=True):
         result = evaluate_perplexity(checkpoint, data, convention, adapter=adapter, show_progress=False, **settings)
     _finish(out, result)
     return result
@@ -52,7 +52,7 @@ SQUAD = CachedStage("squad", code=__name__, file_params=("checkpoint", "data", "
 def squad(checkpoint: str, data: str, settings: dict, work_dir: str, adapter: str | None = None) -> dict:
     """SQuAD EM/F1 (official and MindFormers) by greedy generation; predictions land in the output folder."""
     out = SQUAD.output_dir(locals())
-    with one_model():
+    with one_model(warm=True):
         result = evaluate_squad(checkpoint, data, out / "predictions", adapter=adapter, overwrite=True,
                                 show_progress=False, **settings)
     _finish(out, result)
@@ -68,7 +68,7 @@ def samples(checkpoint: str, prompts: list[str], settings: dict, work_dir: str, 
     """A few generations from the finished model, to read beside its metrics."""
     out = SAMPLES.output_dir(locals())
     path = out / "samples.jsonl"
-    with one_model():
+    with one_model(warm=True):
         result = predict(checkpoint, prompts, adapter=adapter, output=path, overwrite=True, **settings)
     _finish(out, {"samples": str(path)})
     return {"samples": str(path), "completions": result["completions"]}
