@@ -29,6 +29,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from llama.device import compiled_or_eager
 from llama.errors import PipelineError
 from llama.model import NEG_INF
 
@@ -126,11 +127,11 @@ def greedy_chunk_steps(config) -> int:
 
 
 def _compiled(model, kind: str, make):
-    """A jit-compiled generation cell, kept on the model so its graphs are reused across calls (and freed
-    with the model)."""
+    """A jit-compiled generation cell (eager where its graph would not fit: llama.device), kept on the model so
+    its graphs are reused across calls (and freed with the model)."""
     cache = vars(model).setdefault("_generation_graphs", {})
     if kind not in cache:
-        cache[kind] = ms.jit(make().construct)
+        cache[kind] = compiled_or_eager(make().construct, model)
     return cache[kind]
 
 

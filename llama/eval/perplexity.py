@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from llama.data.records import read_columns, verify
+from llama.device import compiled_or_eager
 from llama.data.wiki import standard_ids, wikitext_detokenize
 from llama.fileio import read_text
 from llama.errors import PipelineError
@@ -71,16 +72,16 @@ class TokenNLL:
 
 
 def _compiled_nll(model):
-    """One jit function per model, kept on it: a new one per TokenNLL would compile its graphs again."""
+    """One jit function per model (eager where its graph would not fit: llama.device), kept on it: a new one per
+    TokenNLL would compile its graphs again."""
     if "_nll_graph" not in vars(model):
-        import mindspore as ms
         from mindspore import ops
 
         def nll(inputs, targets):
             log_probs = ops.log_softmax(model(inputs), -1)
             return -ops.gather_elements(log_probs, -1, targets.expand_dims(-1)).squeeze(-1)
 
-        model._nll_graph = ms.jit(nll)
+        model._nll_graph = compiled_or_eager(nll, model)
     return model._nll_graph
 
 
