@@ -20,7 +20,8 @@ FORMATS = {"ckpt": "MindSpore .ckpt", "safetensors": "MindSpore .safetensors", "
 
 
 def run_convert(args) -> dict:
-    from llama.checkpoint import open_checkpoint, write_checkpoint
+    from llama.weights.source import open_checkpoint
+    from llama.weights.writer import write_checkpoint
     from llama.config import ModelConfig
     from llama.data.tokenizer import TOKENIZER_FILES
 

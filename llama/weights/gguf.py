@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llama.checkpoint import Entry, permute_qk
 from llama.config import ModelConfig
 from llama.errors import PipelineError
+from llama.weights.entry import Entry, permute_qk
 
 GLOBAL_NAMES = {"token_embd.weight": "model.tok_embeddings.embedding_weight",
                 "output_norm.weight": "model.norm_out.weight", "output.weight": "lm_head.weight"}
