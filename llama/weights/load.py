@@ -9,9 +9,13 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import mindspore as ms
+from mindspore import ops
 
 from llama.config import ModelConfig
+from llama.device import compute_dtype_here
 from llama.errors import PipelineError
+from llama.model import LlamaForCausalLM, checkpoint_layout, transposed_in_model
 from llama.weights.entry import Entry
 from llama.weights.names import MS_TYPES, NP_DTYPES, expected_shapes
 from llama.weights.source import Source, check_tensors, open_checkpoint
@@ -37,8 +41,6 @@ def params_source(model_or_params, config: ModelConfig) -> Source:
             entries[name] = Entry(tuple(value.shape), np.dtype(MS_TYPES[str(value.dtype)]),
                                   lambda v=value: _param_array(v))
     if is_model:
-        from llama.model import checkpoint_layout, transposed_in_model
-
         for name, entry in list(entries.items()):
             if transposed_in_model(name):
                 entries[name] = Entry(entry.shape[::-1], entry.dtype,
@@ -65,9 +67,6 @@ def load_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = 
     config whose weights are overwritten in place instead of building a new one, so that the graphs already
     compiled for it serve the new weights (ignored where the configs differ).
     """
-    from llama.device import compute_dtype_here
-    from llama.model import LlamaForCausalLM
-
     source = open_checkpoint(path, model_config)
     config = source.config
     if dtype is not None:
@@ -86,10 +85,6 @@ def assign_weights(model, source: Source, in_place: bool = False) -> None:
     and converted to the model's layout. `in_place` copies into the existing parameter memory (ops.assign):
     a compiled graph reads its parameters from there, and would keep reading the old weights after
     `set_data`, which gives a parameter new memory."""
-    import mindspore as ms
-    from mindspore import ops
-    from llama.model import checkpoint_layout
-
     params = dict(model.parameters_and_names())
     if in_place and set(params) != set(source.entries):
         raise PipelineError(f"{source.path} does not hold exactly the model's weights")

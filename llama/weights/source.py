@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Iterable
 
 from llama.config import ModelConfig
+from llama.data.tokenizer import TOKENIZER_FILES
 from llama.errors import PipelineError
 from llama.fileio import MANIFEST, read_json, verify_manifest
 from llama.weights.entry import Entry
+from llama.weights.gguf import read_gguf
 from llama.weights.llama2c import read_llama2c
 from llama.weights.meta import _read_meta
 from llama.weights.mindspore_ckpt import read_ckpt_index
@@ -115,7 +117,6 @@ def open_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = 
     elif path.suffix == ".bin":
         kind, (entries, config) = "llama2c", read_llama2c(path)
     elif path.suffix == ".gguf":
-        from llama.weights.gguf import read_gguf
         kind, (entries, config, tokenizer_files) = "gguf", read_gguf(path)
     else:
         raise PipelineError(f"cannot tell the format of {path} (expected a folder, .safetensors, .ckpt, .bin, "
@@ -130,8 +131,6 @@ def open_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = 
 
 def _tokenizer_folder(path: Path) -> Path | None:
     """`path` if it holds tokenizer files (which `write_checkpoint` copies), else None."""
-    from llama.data.tokenizer import TOKENIZER_FILES
-
     return path if any((path / name).is_file() for name in TOKENIZER_FILES) else None
 
 

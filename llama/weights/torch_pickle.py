@@ -16,7 +16,7 @@ from llama.weights.names import NP_DTYPES
 def read_torch_index(path: Path) -> dict[str, Entry]:
     """A torch pickle (pytorch_model.bin, consolidated.*.pth), loaded safely: weights_only, memory-mapped."""
     try:
-        import torch
+        import torch  # optional: torch is not a dependency of the pipeline
     except ImportError:
         raise PipelineError(f"reading {path.name} needs torch, which is not installed; "
                             f"convert it to safetensors first or install torch") from None

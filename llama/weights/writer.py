@@ -4,6 +4,7 @@ llama/weights/__init__.py), hashing each file as it is written.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -13,6 +14,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from llama.data.tokenizer import TOKENIZER_FILES, Tokenizer
 from llama.errors import PipelineError
 from llama.fileio import atomic_dir, write_json_atomic, write_manifest
 from llama.progress import Progress
@@ -34,7 +36,6 @@ class _HashingWriter:
     """
 
     def __init__(self, path: Path, pool: ThreadPoolExecutor):
-        import hashlib
         self.handle, self.digest, self.pool, self.size = open(path, "wb", buffering=0), hashlib.sha256(), pool, 0
         self.pending = None
 
@@ -184,8 +185,6 @@ def write_checkpoint(source: Source, out_dir: str | os.PathLike, fmt: str = "ckp
 
 def _tokenizer_files(path: Path | None) -> dict[str, Path]:
     """The files to store for the tokenizer at `path`: a folder's tokenizer files, or a checked tokenizer's own."""
-    from llama.data.tokenizer import TOKENIZER_FILES, Tokenizer
-
     if path is None:
         return {}
     tokenizer = Tokenizer(path)  # a bad tokenizer is refused before anything is written
