@@ -13,6 +13,7 @@ or write files never load MindSpore):
 - source: `Source`, `open_checkpoint` (which format is at a path), `check_tensors`, `verify_folder`.
 - writer: `write_checkpoint`.
 - load: `load_checkpoint`, `assign_weights`, `params_source`, `save_checkpoint` (the MindSpore side).
+- cli: the `llama2-pipeline convert` command.
 
 Readers (`open_checkpoint` picks one from what it finds at `path`):
 - Hugging Face folder or file: `model.safetensors`, sharded with `model.safetensors.index.json`, or
