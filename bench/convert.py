@@ -25,13 +25,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llama.checkpoint import ms_to_hf_name, expected_shapes  # noqa: E402
 from llama.config import ModelConfig  # noqa: E402
+from llama.weights.names import ms_to_hf_name, expected_shapes  # noqa: E402
 
 CONVERT = "import sys; from llama.cli import run; sys.exit(run(sys.argv[1:]))"
 COPY = ("import shutil, sys, pathlib; out = pathlib.Path(sys.argv[2]); out.mkdir()\n"
         "for f in pathlib.Path(sys.argv[1]).iterdir(): shutil.copyfile(f, out / f.name)")
-BASELINE = "import llama.checkpoint, llama.cli"
+BASELINE = "import llama.weights.source, llama.weights.writer, llama.cli"
 
 
 def random_bf16(rng, shape) -> np.ndarray:

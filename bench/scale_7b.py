@@ -29,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert import BASELINE, COPY, REPO, make_checkpoint, measure  # noqa: E402
 
-from llama.checkpoint import expected_shapes  # noqa: E402
 from llama.config import ModelConfig  # noqa: E402
+from llama.weights.names import expected_shapes  # noqa: E402
 
 CLI = "import sys; from llama.cli import run; sys.exit(run(sys.argv[1:]))"
 TOKENIZER = REPO.parent / "shared" / "data" / "llama2_tokenizer" / "tokenizer.model"   # Llama 2's own, vocab 32000

@@ -25,7 +25,7 @@ from llama.errors import PipelineError
 LIBRARY_COMMANDS = (
     "llama.download",
     "llama.data.cli",
-    "llama.convert",
+    "llama.weights.cli",
     "llama.train.cli",
     "llama.eval.cli",
 )

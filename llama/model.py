@@ -9,9 +9,9 @@ Parameter names equal MindFormers' (`model.tok_embeddings.embedding_weight`,
 [hidden, vocab], the transpose of MindFormers' [vocab, hidden]. oneDNN multiplies a decoding step's hidden
 state by that layout in about 0.9 ms instead of 1.4 ms for the tiny model (the largest kernel of a step: about
 10% more tokens/s). Checkpoints on disk keep MindFormers' layout; `checkpoint_layout` converts at that boundary
-and llama/checkpoint.py's `load_checkpoint`/`save_checkpoint` apply it, so a MindFormers checkpoint loads as it
+and llama/weights/load.py's `load_checkpoint`/`save_checkpoint` apply it, so a MindFormers checkpoint loads as it
 is. Weights use the
-Hugging Face / MindFormers rotary layout (rotate-half, not Meta's interleaved pairs); llama/checkpoint.py
+Hugging Face / MindFormers rotary layout (rotate-half, not Meta's interleaved pairs); llama/weights/entry.py
 permutes Meta and llama2.c weights on conversion.
 
 Extension points for other stages:

@@ -8,10 +8,11 @@ from pathlib import Path
 from prefect import task
 
 import llama
-from llama.checkpoint import open_checkpoint, verify_folder, write_checkpoint
 from llama.config import ModelConfig
 from llama.errors import PipelineError
 from llama.eval.loading import load_tokenizer
+from llama.weights.source import open_checkpoint, verify_folder
+from llama.weights.writer import write_checkpoint
 from tasks.cache import CachedStage, verified_by
 from tasks.tracking import tracking_uri
 

@@ -113,7 +113,7 @@ def alpaca_records(tmp_path_factory, fixtures):
 def base_checkpoint(tmp_path_factory):
     """A tiny model with seeded random weights, saved as a verified checkpoint folder."""
     import mindspore as ms
-    from llama.checkpoint import save_checkpoint
+    from llama.weights.load import save_checkpoint
     from llama.config import ModelConfig
     from llama.model import LlamaForCausalLM
 

@@ -53,7 +53,7 @@ def small_checkpoints(tmp_path_factory, tok512):
     """Two converted folders with tok512: `vocab256`, a vocabulary smaller than the tokenizer's, and `ctx64`,
     a context shorter than the wiki rows."""
     import mindspore as ms
-    from llama.checkpoint import save_checkpoint
+    from llama.weights.load import save_checkpoint
     from llama.model import LlamaForCausalLM
 
     ms.set_seed(3)

@@ -9,11 +9,14 @@ import pytest
 import mindspore as ms
 from safetensors.numpy import load_file, save_file
 
-from llama.checkpoint import hf_to_ms_name, load_checkpoint, open_checkpoint, save_checkpoint, write_checkpoint
 from llama.cli import run
 from llama.config import ModelConfig
 from llama.errors import PipelineError
 from llama.model import checkpoint_layout
+from llama.weights.load import load_checkpoint, save_checkpoint
+from llama.weights.names import hf_to_ms_name
+from llama.weights.source import open_checkpoint
+from llama.weights.writer import write_checkpoint
 
 
 def _bits(array: np.ndarray) -> np.ndarray:
@@ -82,9 +85,9 @@ def test_sharded_output_round_trips(hf_dir, tmp_path):
 
 def test_large_tensors_are_split_like_mindspore(hf_dir, tmp_path, monkeypatch):
     """MindSpore writes tensors over its slice size as several records; ours must read back with its loader."""
-    import llama.checkpoint
+    import llama.weights.mindspore_ckpt
 
-    monkeypatch.setattr(llama.checkpoint, "CKPT_SLICE_BYTES", 1000)
+    monkeypatch.setattr(llama.weights.mindspore_ckpt, "CKPT_SLICE_BYTES", 1000)
     model, config = load_checkpoint(hf_dir)
     save_checkpoint(model, tmp_path / "out", config)
     theirs = _ms_arrays(tmp_path / "out" / "model.ckpt")

@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from llama.checkpoint import open_checkpoint, write_checkpoint
 from llama.cli import run
 from llama.data.wiki import preprocess_wiki
 from llama.eval.loading import load_model
@@ -22,6 +21,8 @@ from llama.eval.perplexity import (
     wikitext_documents,
 )
 from llama.eval.squad import evaluate_squad
+from llama.weights.source import open_checkpoint
+from llama.weights.writer import write_checkpoint
 
 
 def _numpy_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -126,7 +127,7 @@ def test_perplexity_end_to_end_is_finite_and_reproducible(stories):
 def test_a_warm_model_takes_the_next_checkpoints_weights_and_keeps_its_graphs(stories, tmp_path):
     import mindspore as ms
 
-    from llama.checkpoint import load_checkpoint, save_checkpoint
+    from llama.weights.load import load_checkpoint, save_checkpoint
     from llama.eval import loading
 
     ckpt, records = stories / "ckpt", stories / "wiki_mf"

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from llama.checkpoint import load_checkpoint
 from llama.cli import run
 from llama.data.tokenizer import Tokenizer
 from llama.generate import generate, greedy_chunk_steps
+from llama.weights.load import load_checkpoint
 
 
 @pytest.fixture(scope="module")

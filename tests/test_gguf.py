@@ -17,8 +17,10 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from llama.checkpoint import hf_to_ms_name, load_checkpoint, open_checkpoint
 from llama.cli import run
+from llama.weights.load import load_checkpoint
+from llama.weights.names import hf_to_ms_name
+from llama.weights.source import open_checkpoint
 
 GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}

@@ -219,7 +219,7 @@ def test_squad_and_alpaca_records_use_the_tokenizers_ids(bpe768, fixtures, tmp_p
 def bpe_checkpoint(tmp_path_factory, bpe768):
     """A random stories260K-shaped model over bpe768's vocabulary, saved with the tokenizer folder."""
     import mindspore as ms
-    from llama.checkpoint import save_checkpoint
+    from llama.weights.load import save_checkpoint
     from llama.config import ModelConfig
     from llama.model import LlamaForCausalLM
 

@@ -33,7 +33,7 @@ def lora_run(alpaca_records, base_checkpoint, tmp_path_factory):
 
 def test_lora_merge_gives_the_logits_of_base_plus_adapter(lora_run, tmp_path):
     import mindspore as ms
-    from llama.checkpoint import load_checkpoint
+    from llama.weights.load import load_checkpoint
     from llama.train.trainer import build_network
 
     run, config = lora_run
@@ -110,7 +110,7 @@ def test_sliced_checkpoints_merge_through_transform_checkpoints(base_checkpoint,
 
     import mindspore as ms
 
-    from llama.checkpoint import open_checkpoint
+    from llama.weights.source import open_checkpoint
     from llama.cli import run as cli
 
     original = {name: entry.read() for name, entry in open_checkpoint(base_checkpoint).entries.items()}

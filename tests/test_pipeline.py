@@ -7,7 +7,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline import pipeline
-from llama.checkpoint import open_checkpoint, write_checkpoint
+from llama.weights.source import open_checkpoint
+from llama.weights.writer import write_checkpoint
 from tasks.tracking import tracking_uri
 
 pytestmark = pytest.mark.slow

@@ -8,12 +8,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from llama.checkpoint import open_checkpoint, read_ckpt_index, write_checkpoint
 from llama.device import compute_dtype_here
 from llama.errors import PipelineError
 from llama.train.config import TrainConfig
 from llama.train.merge import merge
 from llama.train.trainer import build_network, train
+from llama.weights.mindspore_ckpt import read_ckpt_index
+from llama.weights.source import open_checkpoint
+from llama.weights.writer import write_checkpoint
 from train_support import tiny_config
 
 NP = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}

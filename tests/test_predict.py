@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from llama.checkpoint import open_checkpoint, write_checkpoint
 from llama.cli import run
 from llama.errors import PipelineError
 from llama.eval.predict import predict, read_prompts
+from llama.weights.source import open_checkpoint
+from llama.weights.writer import write_checkpoint
 
 # llama2.c's doc/stories260K.md: greedy decoding from BOS with tok512.
 PUBLISHED = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llama.checkpoint import read_ckpt_index
 from llama.train.trainer import train
+from llama.weights.mindspore_ckpt import read_ckpt_index
 from train_support import tiny_config
 
 pytestmark = pytest.mark.slow

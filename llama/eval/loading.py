@@ -35,14 +35,14 @@ def release_warm_model() -> None:
 
 def load_model(checkpoint: str | os.PathLike, dtype: str | None = None, model_config: str | None = None,
                adapter: str | os.PathLike | None = None):
-    """(model in inference mode, ModelConfig) from any checkpoint `llama.checkpoint` reads, checksums first.
+    """(model in inference mode, ModelConfig) from any checkpoint `llama.weights` reads, checksums first.
 
     `model_config` (a name in configs/model or a config file) is for weights that carry none, e.g. a bare
     MindFormers .ckpt. `adapter` is a LoRA or prefix-tuning run folder trained on `checkpoint`, applied
     unmerged (its base is checked before anything is loaded). Inside `warm_models()` the warm model is reused
     and kept, unless there is an adapter or the weights are bf16 (MindSpore's CPU cannot copy those in place).
     """
-    from llama.checkpoint import load_checkpoint
+    from llama.weights.load import load_checkpoint
     from llama.config import ModelConfig
     from llama.train.adapter import apply_adapter, read_adapter
 

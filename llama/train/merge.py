@@ -34,7 +34,10 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
     `model_config` (a ModelConfig or what `ModelConfig.load` takes) is needed only for sliced checkpoints,
     which carry none.
     """
-    from llama.checkpoint import open_checkpoint, read_ckpt_index, save_checkpoint, write_checkpoint
+    from llama.weights.load import save_checkpoint
+    from llama.weights.mindspore_ckpt import read_ckpt_index
+    from llama.weights.source import open_checkpoint
+    from llama.weights.writer import write_checkpoint
     from llama.config import ModelConfig
     from llama.train.adapter import check_base
     from llama.train.lora import merge_lora_weights

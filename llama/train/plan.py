@@ -29,11 +29,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama.checkpoint import MODEL_CONFIG, expected_shapes
 from llama.config import ModelConfig
 from llama.errors import PipelineError
 from llama.fileio import MANIFEST, read_json
 from llama.train.config import TrainConfig
+from llama.weights.names import MODEL_CONFIG, expected_shapes
 
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

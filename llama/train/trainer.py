@@ -238,7 +238,8 @@ def checkpoint_identity(path: str | os.PathLike) -> str:
 def build_network(config: TrainConfig) -> Network:
     """The model (seeded init or loaded weights), wrapped for LoRA or prefix tuning as configured."""
     import mindspore as ms
-    from llama.checkpoint import assign_weights, open_checkpoint
+    from llama.weights.load import assign_weights
+    from llama.weights.source import open_checkpoint
     from llama.config import ModelConfig
     from llama.device import compute_dtype_here
     from llama.model import LlamaForCausalLM

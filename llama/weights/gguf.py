@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llama.checkpoint import Entry, permute_qk
 from llama.config import ModelConfig
 from llama.errors import PipelineError
+from llama.weights.entry import Entry, permute_qk
 
 GLOBAL_NAMES = {"token_embd.weight": "model.tok_embeddings.embedding_weight",
                 "output_norm.weight": "model.norm_out.weight", "output.weight": "lm_head.weight"}
@@ -47,7 +47,7 @@ BYTE_LEVEL_PRE = ("gpt-2", "smollm")
 
 def read_gguf(path: Path) -> tuple[dict[str, Entry], ModelConfig, dict[str, bytes]]:
     """A llama GGUF's tensors (MindFormers names, float32, read lazily), model config and tokenizer files."""
-    import gguf
+    import gguf  # imported on use: only GGUF input needs llama.cpp's package
 
     try:        # the reader memory-maps the file and checks it as it parses: a short tensor fails its reshape
         reader = gguf.GGUFReader(path)
@@ -82,7 +82,7 @@ def _entry(tensor) -> Entry:
     shape = tuple(int(n) for n in reversed(tensor.shape))       # GGUF lists dimensions fastest-varying first
 
     def read() -> np.ndarray:
-        import gguf
+        import gguf  # imported on use: only GGUF input needs llama.cpp's package
         return gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False).reshape(shape)
     return Entry(shape, np.dtype(np.float32), read)
 
@@ -127,6 +127,7 @@ def _decimal(value: float) -> float:
 
 def tokenizer_files(meta: dict, max_length: int, path: Path) -> dict[str, bytes]:
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json of a GGUF's vocabulary."""
+    # imported on use: only GGUF input builds a tokenizer from metadata
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
 

@@ -5,7 +5,7 @@ consolidated.*.pth, llama2.c v0 .bin, llama.cpp .gguf (llama architecture, dequa
 a Hugging Face tokenizer.json), and MindSpore/MindFormers .ckpt or .safetensors; writes MindSpore
 (.ckpt or .safetensors, MindFormers names) or Hugging Face (safetensors + config.json). The folder holds the
 weights, the model config, the tokenizer files (given, or found next to the input), and a manifest of
-checksums, so later commands need only `--checkpoint DIR`. See llama/checkpoint.py for the formats and the
+checksums, so later commands need only `--checkpoint DIR`. See llama/weights/__init__.py for the formats and the
 folder layout.
 """
 
@@ -20,9 +20,11 @@ FORMATS = {"ckpt": "MindSpore .ckpt", "safetensors": "MindSpore .safetensors", "
 
 
 def run_convert(args) -> dict:
-    from llama.checkpoint import open_checkpoint, write_checkpoint
+    # imported when the command runs, as in every stage module, so that --help stays fast (llama/cli.py)
     from llama.config import ModelConfig
     from llama.data.tokenizer import TOKENIZER_FILES
+    from llama.weights.source import open_checkpoint
+    from llama.weights.writer import write_checkpoint
 
     start = time.monotonic()
     model_config = ModelConfig.load(args.model_config) if args.model_config else None
