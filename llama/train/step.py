@@ -18,6 +18,8 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from llama.device import compiled_or_eager
+
 IGNORE_ID = -100
 
 
@@ -108,7 +110,6 @@ class FusedStep(nn.Cell):
         self.gradients, self.update = gradients, update
         self.loss_mean = _LossMean(world_size)
 
-    @ms.jit
     def construct(self, input_ids, labels, lr, scale):
         loss, grads = self.gradients(input_ids, labels, scale)
         norm, finite = self.update(grads, lr, scale)
@@ -121,7 +122,6 @@ class AccumulateStep(nn.Cell):
         self.gradients, self.buffers = gradients, buffers
         self.loss_mean = _LossMean(world_size)
 
-    @ms.jit
     def construct(self, input_ids, labels, scale):
         loss, grads = self.gradients(input_ids, labels, scale)
         for i in range(len(grads)):
@@ -134,7 +134,6 @@ class ApplyStep(nn.Cell):
         super().__init__(auto_prefix=False)
         self.update, self.buffers = update, buffers
 
-    @ms.jit
     def construct(self, lr, divisor):
         norm, finite = self.update(tuple(self.buffers), lr, divisor)
         for buffer in self.buffers:
@@ -166,12 +165,13 @@ class Stepper:
                              max_grad_norm, world_size)
         gradients = _Gradients(CausalLMLoss(net, pad_token_id), params)
         self.accumulation = accumulation
+        # compiled, unless the graph's copy of the weights would not fit (llama.device): then eager
         if accumulation == 1:
-            self.fused = FusedStep(gradients, self.update, world_size)
+            self.fused = compiled_or_eager(FusedStep(gradients, self.update, world_size).construct, net)
         else:
             buffers = params.clone(prefix="grad_buffer", init="zeros")
-            self.accumulate = AccumulateStep(gradients, buffers, world_size)
-            self.apply = ApplyStep(self.update, buffers)
+            self.accumulate = compiled_or_eager(AccumulateStep(gradients, buffers, world_size).construct, net)
+            self.apply = compiled_or_eager(ApplyStep(self.update, buffers).construct, net)
 
     def optimizer_state(self) -> list[Parameter]:
         return [*self.update.moment1, *self.update.moment2]
