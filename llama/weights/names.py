@@ -71,23 +71,23 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _rename(name: str, global_names: dict[str, str], layer_names: dict[str, str]) -> str:
+    """`name` through a table of whole names and one of per-layer suffixes (unchanged when in neither)."""
+    if name in global_names:
+        return global_names[name]
+    match = LAYER_NAME.fullmatch(name)
+    if match and match[2] in layer_names:
+        return f"model.layers.{match[1]}.{layer_names[match[2]]}"
+    return name
+
+
 def hf_to_ms_name(name: str) -> str:
     """MindFormers name of a Hugging Face tensor name (unchanged when it is not a Llama weight)."""
-    if name in HF_GLOBAL:
-        return HF_GLOBAL[name]
-    match = LAYER_NAME.fullmatch(name)
-    if match and match[2] in HF_LAYER:
-        return f"model.layers.{match[1]}.{HF_LAYER[match[2]]}"
-    return name
+    return _rename(name, HF_GLOBAL, HF_LAYER)
 
 
 def ms_to_hf_name(name: str) -> str:
-    if name in MS_TO_HF_GLOBAL:
-        return MS_TO_HF_GLOBAL[name]
-    match = LAYER_NAME.fullmatch(name)
-    if match and match[2] in MS_TO_HF_LAYER:
-        return f"model.layers.{match[1]}.{MS_TO_HF_LAYER[match[2]]}"
-    return name
+    return _rename(name, MS_TO_HF_GLOBAL, MS_TO_HF_LAYER)
 
 
 def meta_to_ms_name(name: str) -> str:
