@@ -29,10 +29,9 @@ def compute_dtype_here(dtype: str, setting: str | None = None) -> str:
 GRAPH_EXTRA_PER_WEIGHT_BYTE = 1.8
 
 
-def compiled_or_eager(function, model):
-    """`mindspore.jit(function)`, unless the graph's copy of `model`'s weights would not fit in the memory
-    available now: then `function` itself, run eagerly (PyNative: slower per step, but no second copy of a 7B
-    model)."""
+def graphs_fit(model) -> bool:
+    """Whether compiled graphs of `model` fit: their copy of its weights in the memory available now (always,
+    off the CPU backend). Warns, once per call, when they do not: the model then runs eagerly."""
     import sys
 
     import mindspore as ms
@@ -40,7 +39,15 @@ def compiled_or_eager(function, model):
 
     extra = sum(p.nbytes for p in model.get_parameters()) * GRAPH_EXTRA_PER_WEIGHT_BYTE
     if ms.get_context("device_target") != "CPU" or extra < 0.9 * psutil.virtual_memory().available:
-        return ms.jit(function)
+        return True
     print(f"warning: running eagerly: a compiled graph would need about {extra / 2 ** 30:.1f} GiB more for its "
           f"copy of the weights than this machine has free", file=sys.stderr)
-    return function
+    return False
+
+
+def compiled_or_eager(function, model):
+    """`mindspore.jit(function)` where `graphs_fit(model)`, else `function` itself, run eagerly (PyNative:
+    slower per step, but no second copy of a 7B model)."""
+    import mindspore as ms
+
+    return ms.jit(function) if graphs_fit(model) else function

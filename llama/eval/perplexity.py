@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from llama.data.records import read_columns, verify
-from llama.device import compiled_or_eager
+from llama.device import graphs_fit
 from llama.data.wiki import standard_ids, wikitext_detokenize
 from llama.fileio import read_text
 from llama.errors import PipelineError
@@ -53,17 +53,19 @@ class TokenNLL:
         model.set_train(False)
         self.rows, self.length, self.config, self._tensor = rows, length, model.config, ms.Tensor
         self._nll = _compiled_nll(model)
+        self.padded = model._nll_compiled   # fixed shapes serve a compiled graph; eagerly they only cost time
 
     def __call__(self, inputs: np.ndarray, targets: np.ndarray, progress: Progress | None = None) -> np.ndarray:
         """float64 [n, length] NLL for any number of rows, `self.rows` at a time."""
         self.config.check_fits("data", ids=inputs)
         self.config.check_fits("data", ids=targets)
         width = inputs.shape[1]
-        columns = max(width, self.length or 0)
+        columns = max(width, self.length or 0) if self.padded else width
         out = np.empty(inputs.shape, dtype=np.float64)
         for start in range(0, len(inputs), self.rows):
             stop = min(start + self.rows, len(inputs))
-            batch_in, batch_tgt = (_pad(rows[start:stop], self.rows, columns) for rows in (inputs, targets))
+            count = self.rows if self.padded else stop - start
+            batch_in, batch_tgt = (_pad(rows[start:stop], count, columns) for rows in (inputs, targets))
             nll = self._nll(self._tensor(batch_in), self._tensor(batch_tgt)).asnumpy()
             out[start:stop] = nll[:stop - start, :width]
             if progress is not None:
@@ -75,13 +77,15 @@ def _compiled_nll(model):
     """One jit function per model (eager where its graph would not fit: llama.device), kept on it: a new one per
     TokenNLL would compile its graphs again."""
     if "_nll_graph" not in vars(model):
+        import mindspore as ms
         from mindspore import ops
 
         def nll(inputs, targets):
             log_probs = ops.log_softmax(model(inputs), -1)
             return -ops.gather_elements(log_probs, -1, targets.expand_dims(-1)).squeeze(-1)
 
-        model._nll_graph = compiled_or_eager(nll, model)
+        model._nll_compiled = graphs_fit(model)
+        model._nll_graph = ms.jit(nll) if model._nll_compiled else nll
     return model._nll_graph
 
 
