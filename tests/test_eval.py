@@ -124,32 +124,45 @@ def test_perplexity_end_to_end_is_finite_and_reproducible(stories):
 
 
 @pytest.mark.slow
-def test_a_warm_model_takes_the_next_checkpoints_weights_and_keeps_its_graphs(stories, tmp_path):
-    import mindspore as ms
+def test_a_warm_model_takes_the_next_checkpoints_weights_and_keeps_its_graphs(stories, fixtures, tmp_path,
+                                                                              monkeypatch):
+    """As the pipeline's evaluation tasks run (tasks.runtime.one_model): base, other, base again; the second
+    and third evaluations give the fresh model's results and compile no graph."""
+    from mindspore.graph import api
 
     from llama.weights.load import load_checkpoint, save_checkpoint
     from llama.eval import loading
+    from tasks.runtime import one_model
 
     ckpt, records = stories / "ckpt", stories / "wiki_mf"
     other, config = load_checkpoint(ckpt)
     for name, param in other.parameters_and_names():
         if "norm" in name:
             param.set_data(param.value() * 1.5)
-    save_checkpoint(other, tmp_path / "other", config)
+    save_checkpoint(other, tmp_path / "other", config, tokenizer=fixtures / "tok512.model")
+    compiles = []
+    check_recompile = api._check_recompile   # MindSpore calls it only when it is about to compile a graph
+    monkeypatch.setattr(api, "_check_recompile", lambda *args: compiles.append(1) or check_recompile(*args))
 
-    def metrics(result: dict) -> dict:
-        return {k: v for k, v in result.items() if k.startswith(("ppl_", "loss_"))}
+    def evaluate(checkpoint, name: str) -> dict:
+        compiles.clear()
+        with one_model(warm=True):
+            result = evaluate_perplexity(checkpoint, records, "mindformers", show_progress=False)
+            result.update(evaluate_squad(checkpoint, fixtures / "squad_dev_slice.json", tmp_path / name,
+                                         limit=3, max_new_tokens=4, show_progress=False))
+        return {k: v for k, v in result.items() if k.startswith(("ppl_", "loss_", "squad_"))}
 
-    fresh = metrics(evaluate_perplexity(tmp_path / "other", records, "mindformers", show_progress=False))
+    fresh = evaluate(tmp_path / "other", "fresh")
+    loading.release_warm_model()
     try:
-        with loading.warm_models():
-            first = metrics(evaluate_perplexity(ckpt, records, "mindformers", show_progress=False))
-            warm = loading._Warm.model
-            graph = warm._nll_graph
-            second = metrics(evaluate_perplexity(tmp_path / "other", records, "mindformers", show_progress=False))
-            ms.ms_memory_recycle()   # as the pipeline's tasks do between models
-            third = metrics(evaluate_perplexity(ckpt, records, "mindformers", show_progress=False))
-        assert loading._Warm.model is warm and warm._nll_graph is graph
+        first = evaluate(ckpt, "first")
+        assert compiles
+        warm = loading._Warm.model
+        second = evaluate(tmp_path / "other", "second")
+        assert not compiles
+        third = evaluate(ckpt, "third")
+        assert not compiles
+        assert loading._Warm.model is warm
         assert second == fresh and third == first != second
     finally:
         loading.release_warm_model()

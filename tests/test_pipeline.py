@@ -2,6 +2,9 @@
 and MLflow: base and finetuned evaluated side by side, cached by content."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -99,3 +102,13 @@ def _prefect_artifact_keys() -> set[str]:
 
     with get_client(sync_client=True) as prefect:
         return {artifact.key for artifact in prefect.read_artifacts()}
+
+
+def test_flows_keep_prefect_telemetry_off_unless_asked():
+    """Offline, the temporary server's telemetry would log "ERROR ... Failed to send telemetry" in every run."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
+    code = "import os, flows.commands, prefect.settings as s; print(s.get_current_settings().server.analytics_enabled)"
+    for extra, expected in (({}, "False"), ({"PREFECT_SERVER_ANALYTICS_ENABLED": "true"}, "True")):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.split()[-1] == expected
