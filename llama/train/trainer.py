@@ -242,7 +242,7 @@ def build_network(config: TrainConfig) -> Network:
     from llama.weights.source import open_checkpoint
     from llama.config import ModelConfig
     from llama.device import compute_dtype_here
-    from llama.model import LlamaForCausalLM
+    from llama.model import RANDOM, ZEROS, LlamaForCausalLM
 
     ms.set_seed(config.seed)
     model_config = ModelConfig.load(config.model.config) if config.model.config else None
@@ -256,7 +256,8 @@ def build_network(config: TrainConfig) -> Network:
     # Trainable weights are float32 masters whatever the checkpoint holds (MindFormers' param_init_type);
     # the frozen base of an adapter stays as stored. model_config keeps the stored dtype, which exports use.
     trains_all = config.pet.type == "none"
-    model = LlamaForCausalLM(model_config.replace(param_dtype="float32") if trains_all else model_config)
+    model = LlamaForCausalLM(model_config.replace(param_dtype="float32") if trains_all else model_config,
+                             RANDOM if source is None else ZEROS)
     base = None
     if source is not None:
         assign_weights(model, source)

@@ -15,7 +15,7 @@ from mindspore import ops
 from llama.config import ModelConfig
 from llama.device import compute_dtype_here
 from llama.errors import PipelineError
-from llama.model import LlamaForCausalLM, checkpoint_layout, transposed_in_model
+from llama.model import ZEROS, LlamaForCausalLM, checkpoint_layout, transposed_in_model
 from llama.weights.entry import Entry
 from llama.weights.names import MS_TYPES, NP_DTYPES, expected_shapes
 from llama.weights.source import Source, check_tensors, open_checkpoint
@@ -75,7 +75,7 @@ def load_checkpoint(path: str | os.PathLike, model_config: ModelConfig | None = 
         config = config.replace(param_dtype=dtype, compute_dtype=dtype)
     config = config.replace(compute_dtype=compute_dtype_here(config.compute_dtype))
     reuse = into is not None and into.config == config
-    model = into if reuse else LlamaForCausalLM(config)
+    model = into if reuse else LlamaForCausalLM(config, ZEROS)
     assign_weights(model, source, in_place=reuse)
     return model, config
 
