@@ -311,15 +311,21 @@ class LlamaForCausalLM(nn.Cell):
         out = self.vocab_matmul(hidden.reshape(-1, hidden.shape[-1]), weight)
         return out.reshape(hidden.shape[:-1] + (-1,)).astype(ms.float32)
 
-    def construct(self, input_ids, prefix_key_values=None):
-        """Causal forward pass over whole sequences: int32 [B, S] -> float32 logits [B, S, V]."""
-        seq = input_ids.shape[1]
+    def construct(self, input_ids, prefix_key_values=None, only_at=None):
+        """Causal forward pass over whole sequences: int32 [B, S] -> float32 logits [B, S, V], or with `only_at`
+        (int32 [B, K], positions within each row) the logits at those positions only, [B, K, V]: a finetuning
+        loss that scores a few answer tokens per row skips most of the output projection."""
+        batch, seq = input_ids.shape
         prefix_len = 0 if prefix_key_values is None else prefix_key_values[0][0].shape[2]
         causal = ops.triu(ops.full((seq, seq), NEG_INF, dtype=ms.float32), 1)
         mask = ops.concat([ops.zeros((seq, prefix_len), ms.float32), causal], 1) if prefix_len else causal
         positions = ops.arange(seq, dtype=ms.int32).expand_dims(0)
         hidden, _ = self.model(input_ids, positions, mask.reshape(1, 1, seq, -1),
                                prefix_key_values=prefix_key_values)
+        if only_at is not None:
+            rows = ops.arange(batch, dtype=ms.int32).reshape(batch, 1) * seq
+            hidden = ops.gather(hidden.reshape(batch * seq, -1), (only_at + rows).reshape(-1), 0)
+            hidden = hidden.reshape(batch, only_at.shape[1], -1)
         return self.logits(hidden)
 
     def init_kv_cache(self, batch: int, length: int) -> tuple:

@@ -96,6 +96,53 @@ def test_finetuning_reads_labels(alpaca_records, wiki_records, base_checkpoint, 
         train(dict(config, data={"train": str(wiki_records)}), tmp_path / "x")
 
 
+def test_scored_positions_only_when_the_loss_counts_at_most_half_of_a_row():
+    from llama.train.step import IGNORE_ID, scored_positions
+
+    ids = np.ones((3, 65), np.int32)
+    labels = np.full((3, 65), IGNORE_ID, np.int32)
+    labels[0, 50:60] = 7                      # 10 counted positions in the longest row -> 16
+    labels[1, 60:63] = 7
+    assert scored_positions(ids, None, 0) is None
+    assert scored_positions(ids, labels, 0) == 16
+    ids[0, 55:] = 0                          # padding is not counted: 5 left
+    assert scored_positions(ids, labels, 0) == 8
+    labels[2, 10:50] = 7                     # 40 of 64: more than half
+    assert scored_positions(ids, labels, 0) is None
+
+
+@pytest.mark.parametrize("kind", ["full", "prefix"])
+def test_a_loss_over_scored_positions_only_equals_the_full_loss_and_its_gradients(kind):
+    import mindspore as ms
+    from mindspore import ParameterTuple, Tensor
+
+    from llama.config import ModelConfig
+    from llama.model import LlamaForCausalLM
+    from llama.train.prefix import PrefixTunedLM
+    from llama.train.step import IGNORE_ID, CausalLMLoss, _Gradients, scored_positions
+
+    ms.set_seed(0)
+    config = ModelConfig.named("tiny")
+    net = LlamaForCausalLM(config)
+    if kind == "prefix":
+        net = PrefixTunedLM(net, 4, 16, 0.0)
+    params = ParameterTuple(net.trainable_params())
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, config.vocab_size, (3, 97)).astype(np.int32)
+    ids[1, 80:] = 0                                               # padding
+    labels = np.full_like(ids, IGNORE_ID)
+    for row, (start, stop) in enumerate([(40, 52), (70, 85), (90, 97)]):
+        labels[row, start:stop] = ids[row, start:stop]
+    scored = scored_positions(ids, labels, 0)
+    assert scored == 16
+    args = (Tensor(ids), Tensor(labels), Tensor(1.0, ms.float32))
+    full_loss, full_grads = _Gradients(CausalLMLoss(net, 0), params)(*args)
+    loss, grads = _Gradients(CausalLMLoss(net, 0, scored), params)(*args)
+    assert float(loss.asnumpy()) == pytest.approx(float(full_loss.asnumpy()), rel=1e-6)
+    for name, g, full in zip((p.name for p in params), grads, full_grads):
+        np.testing.assert_allclose(g.asnumpy(), full.asnumpy(), rtol=1e-4, atol=1e-7, err_msg=name)
+
+
 def _changed_params(config: dict, records) -> tuple[set, set]:
     """Run two optimizer steps directly; return (names that changed, names that train)."""
     from llama.train.trainer import build_network, load_batches

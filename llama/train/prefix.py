@@ -58,8 +58,8 @@ class PrefixTunedLM(nn.Cell):
         for path, param in self.prefix_layers.parameters_and_names():
             param.name = f"prefix_layers.{path}"
 
-    def construct(self, input_ids):
-        return self.pet_model(input_ids, self.prefix_layers(input_ids.shape[0]))
+    def construct(self, input_ids, only_at=None):
+        return self.pet_model(input_ids, self.prefix_layers(input_ids.shape[0]), only_at)
 
 
 class PrefixedLM(nn.Cell):

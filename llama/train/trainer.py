@@ -281,7 +281,7 @@ def run_worker(config: TrainConfig, output_dir: str | os.PathLike, resume: bool 
                on_step: StepCallback | None = None, start_step: int | None = None) -> dict:
     """Train in this process: alone, or as rank k of an msrun job (then `start_step` comes from the launcher)."""
     from llama.train.dropout import set_dropout_key, step_key
-    from llama.train.step import Stepper
+    from llama.train.step import Stepper, scored_positions
 
     output_dir = Path(output_dir)
     rank, world = 0, 1
@@ -303,7 +303,8 @@ def run_worker(config: TrainConfig, output_dir: str | os.PathLike, resume: bool 
     net = network.net
     net.set_train(True)
     stepper = Stepper(net, batches.pad_id, config.optimizer, config.training.max_grad_norm,
-                      config.training.gradient_accumulation_steps, world)
+                      config.training.gradient_accumulation_steps, world,
+                      scored_positions(batches.input_ids, batches.labels, batches.pad_id))
     scaler = LossScaler(config.loss_scale.type, config.loss_scale.value, config.loss_scale.factor,
                         config.loss_scale.window)
     weights, optimizer_state = network.saved_weights(), stepper.optimizer_state()
