@@ -29,7 +29,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from llama.device import compiled_or_eager
+from llama.device import graphs_fit
 from llama.errors import PipelineError
 from llama.model import NEG_INF
 
@@ -126,13 +126,39 @@ def greedy_chunk_steps(config) -> int:
     return max(1, min(8, 16 // config.num_layers))
 
 
-def _compiled(model, kind: str, make):
-    """A jit-compiled generation cell (eager where its graph would not fit: llama.device), kept on the model so
-    its graphs are reused across calls (and freed with the model)."""
-    cache = vars(model).setdefault("_generation_graphs", {})
-    if kind not in cache:
-        cache[kind] = compiled_or_eager(make().construct, model)
-    return cache[kind]
+class _Graphs:
+    """A model's generation cells, jit-compiled (eager where their graphs would not fit: llama.device), and the
+    shapes they have run at. Kept on the model, so that later calls reuse them and they go with it."""
+
+    def __init__(self, model):
+        self.compiled = graphs_fit(model)
+        self.cells = {}
+        self.shapes = []     # (rows, prefill chunk, cache length)
+
+    @staticmethod
+    def of(model) -> "_Graphs":
+        if "_generation_graphs" not in vars(model):
+            model._generation_graphs = _Graphs(model)
+        return model._generation_graphs
+
+    def cell(self, kind: str, make):
+        if kind not in self.cells:
+            construct = make().construct
+            self.cells[kind] = ms.jit(construct) if self.compiled else construct
+        return self.cells[kind]
+
+    def shape(self, batch: int, longest: int, chunk: int, length: int, decode_slots: int) -> tuple[int, int, int]:
+        """(rows, prefill chunk, cache length) for a call that needs (batch, chunk, length): the smallest shape
+        already compiled that holds it, since extra rows and padding cost far less than compiling a 30-layer
+        model's prefill and decode graphs again (about 20 s); else its own, remembered. Eagerly, its own."""
+        if not self.compiled:
+            return batch, chunk, length
+        fitting = [(rows, c, cache) for rows, c, cache in self.shapes
+                   if rows >= batch and cache >= length and _round_up(longest, c) + decode_slots <= cache]
+        if fitting:
+            return min(fitting, key=lambda shape: (shape[0] * shape[2], shape[1]))
+        self.shapes.append((batch, chunk, length))
+        return batch, chunk, length
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -168,25 +194,28 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     # Round the padded prompt and the cache up to buckets, so calls with similar lengths share compiled graphs.
     # After the prefill's token, decode steps come in whole chunks: the cache holds every slot they write.
     reserved_len, prefill_chunk = _padded_prompt(reserved)
-    prompt_len = _round_up(longest, prefill_chunk)
     decode_slots = _round_up(max_new_tokens - 1, chunk)
-    length = _round_up(reserved_len + decode_slots, CACHE_BUCKET)
+    graphs = _Graphs.of(model)
+    rows, prefill_chunk, length = graphs.shape(batch, longest, prefill_chunk,
+                                               _round_up(reserved_len + decode_slots, CACHE_BUCKET), decode_slots)
+    prompt_ids = list(prompt_ids) + [prompt_ids[-1]] * (rows - batch)   # rows a graph has beyond the batch
+    prompt_len = _round_up(longest, prefill_chunk)
     pads = np.array([prompt_len - len(p) for p in prompt_ids], dtype=np.int32)
-    tokens = np.full((batch, prompt_len), pad_id, dtype=np.int32)
+    tokens = np.full((rows, prompt_len), pad_id, dtype=np.int32)
     for row, ids in enumerate(prompt_ids):
         tokens[row, pads[row]:] = ids
     model.set_train(False)
-    step = _compiled(model, "step", lambda: DecodeStep(model))
+    step = graphs.cell("step", lambda: DecodeStep(model))
     if greedy:
-        step_chunk = _compiled(model, f"greedy{chunk}", lambda: GreedyChunk(DecodeStep(model), chunk))
+        step_chunk = graphs.cell(f"greedy{chunk}", lambda: GreedyChunk(DecodeStep(model), chunk))
     pads = ms.Tensor(pads)
     # mutable: the caches are graph inputs, not constants that would force a recompile per step
-    caches = model.init_kv_cache(batch, length)
+    caches = model.init_kv_cache(rows, length)
     for first in range(0, prompt_len, prefill_chunk):
         logits, caches = step(ms.Tensor(tokens[:, first:first + prefill_chunk]), ms.Tensor(first, ms.int32), pads,
                               ms.mutable(caches))
 
-    out = [[] for _ in prompt_ids]
+    out = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
     emitted = 0
     stops = np.fromiter(stop_ids, dtype=np.int64)
@@ -203,17 +232,22 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
             done[np.isin(ids, stops)] = True
         return done.all() or emitted == max_new_tokens
 
+    def as_input(ids: np.ndarray) -> ms.Tensor:
+        """int32 [rows, 1]: the batch's next tokens, extra rows repeating the last one's."""
+        return ms.Tensor(np.concatenate([ids, np.repeat(ids[-1:], rows - batch)]).astype(np.int32)[:, None])
+
+    # extra rows are dropped before sampling, so that they do not change what a seed draws
     rng = np.random.default_rng(seed)
-    next_ids = _sample(logits.asnumpy(), temperature, top_k, top_p, rng)
+    next_ids = _sample(logits.asnumpy()[:batch], temperature, top_k, top_p, rng)
     slot, finished = prompt_len, emit(next_ids)
     while not finished:
-        inputs = (ms.Tensor(next_ids.astype(np.int32)[:, None]), ms.Tensor(slot, ms.int32), pads, ms.mutable(caches))
+        inputs = (as_input(next_ids), ms.Tensor(slot, ms.int32), pads, ms.mutable(caches))
         if greedy:
             chosen, caches = step_chunk(*inputs)
-            columns = chosen.asnumpy().T
+            columns = chosen.asnumpy()[:batch].T
         else:
             logits, caches = step(*inputs)
-            columns = [_sample(logits.asnumpy(), temperature, top_k, top_p, rng)]
+            columns = [_sample(logits.asnumpy()[:batch], temperature, top_k, top_p, rng)]
         for next_ids in columns:
             finished = emit(next_ids)
             if finished:

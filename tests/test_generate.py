@@ -34,20 +34,46 @@ def test_greedy_ids_match_transformers(model, hf_dir, prompts):
     assert prompts[0] + out[0] == expected.tolist()
 
 
-def test_left_padded_batch_decodes_each_prompt_as_alone(model, prompts):
-    batch = generate(model, prompts, max_new_tokens=10, eos_id=None)
-    alone = [generate(model, [p], max_new_tokens=10, eos_id=None)[0] for p in prompts]
+def fresh(hf_dir):
+    """A model that has compiled no generation graph yet, so that a call runs at its own shape."""
+    return load_checkpoint(hf_dir)[0]
+
+
+def test_left_padded_batch_decodes_each_prompt_as_alone(hf_dir, prompts):
+    batch = generate(fresh(hf_dir), prompts, max_new_tokens=10, eos_id=None)
+    alone = [generate(fresh(hf_dir), [p], max_new_tokens=10, eos_id=None)[0] for p in prompts]
     assert batch == alone
 
 
-def test_chunked_prefill_and_a_reserved_cache_decode_as_one_prefill(model, prompts, monkeypatch):
+def test_chunked_prefill_and_a_reserved_cache_decode_as_one_prefill(hf_dir, prompts, monkeypatch):
     import llama.generate
 
-    whole = generate(model, prompts, max_new_tokens=10, eos_id=None)
-    reserved = generate(model, prompts, max_new_tokens=10, eos_id=None, longest_prompt=40)
+    whole = generate(fresh(hf_dir), prompts, max_new_tokens=10, eos_id=None)
+    reserved = generate(fresh(hf_dir), prompts, max_new_tokens=10, eos_id=None, longest_prompt=40)
     monkeypatch.setattr(llama.generate, "PREFILL_CHUNK", 4)   # the 5..12-token prompts in chunks of 4
-    chunked = generate(model, prompts, max_new_tokens=10, eos_id=None)
+    chunked = generate(fresh(hf_dir), prompts, max_new_tokens=10, eos_id=None)
     assert chunked == whole and reserved == whole
+
+
+def test_a_call_that_fits_graphs_already_compiled_runs_in_them_with_the_same_results(hf_dir, prompts,
+                                                                                      monkeypatch):
+    from mindspore.graph import api
+
+    compiles = []
+    check_recompile = api._check_recompile   # MindSpore calls it only when it is about to compile a graph
+    monkeypatch.setattr(api, "_check_recompile", lambda *args: compiles.append(1) or check_recompile(*args))
+    model = fresh(hf_dir)
+    generate(model, prompts, max_new_tokens=12, eos_id=None)
+    generate(model, prompts, max_new_tokens=12, temperature=1.0, eos_id=None)
+    assert compiles
+    compiles.clear()
+    short = [prompts[1][:3]]
+    greedy = generate(model, short, max_new_tokens=6, eos_id=None)
+    sampled = generate(model, short, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=3, eos_id=None)
+    assert not compiles   # one row of 3 tokens ran in the 3-row graphs, its extra rows discarded
+    assert greedy == generate(fresh(hf_dir), short, max_new_tokens=6, eos_id=None)
+    assert sampled == generate(fresh(hf_dir), short, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=3,
+                               eos_id=None)
 
 
 def test_stops_at_eos(model, prompts):

@@ -93,18 +93,17 @@ def answer_questions(model, tokenizer, questions: list[Question], max_new_tokens
 
     if batch_size < 1:
         raise PipelineError(f"batch size must be at least 1, got {batch_size}")
-    # Sorted by length, so that a batch pads little; every batch has the same rows and cache (a short last
-    # batch is filled with copies of its last prompt), so that one prefill and one decode graph serve all.
+    # Sorted by length, so that a batch pads little; every batch sizes its cache for the longest prompt, so
+    # that one prefill and one decode graph serve all (a short last batch runs in the first batch's graphs).
     order = sorted(range(len(questions)), key=lambda i: len(questions[i].prompt_ids))
     longest = len(questions[order[-1]].prompt_ids) if order else 0
-    rows = min(batch_size, len(order))
     answers, generated = [""] * len(questions), 0
     line_breaks = [i for i in range(tokenizer.vocab_size) if "\n" in tokenizer.decode([i])]
     with Progress("squad", total=len(questions), unit="questions", enabled=show_progress) as progress:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             prompts = [questions[i].prompt_ids for i in batch]
-            outputs = generate(model, prompts + prompts[-1:] * (rows - len(prompts)), max_new_tokens,
+            outputs = generate(model, prompts, max_new_tokens,
                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, stop_ids=line_breaks,
                                longest_prompt=longest)
             for index, ids in zip(batch, outputs):
