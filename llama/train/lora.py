@@ -18,6 +18,7 @@ from mindspore.common.initializer import HeUniform, Zero, initializer
 
 from llama.errors import PipelineError
 from llama.model import Linear
+from llama.weights.entry import Entry
 from llama.train.dropout import KeyedDropout
 
 LORA_A, LORA_B = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
@@ -78,12 +79,15 @@ def rename_parameters(net: nn.Cell) -> None:
         param.name = path
 
 
-def merge_lora_weights(weights: dict, adapter: dict, alpha: float, rank: int) -> list[str]:
-    """W += (B @ A) * alpha / rank for every adapter pair, in float32, in place on numpy `weights`.
+def merge_lora_entries(weights: dict[str, Entry], adapter: dict, alpha: float, rank: int
+                       ) -> tuple[dict[str, Entry], list[str]]:
+    """`weights` (a checkpoint's tensors, read when asked) with W + (B @ A) * alpha / rank, in float32 and then
+    W's dtype, for every adapter pair; and the merged weight names. Nothing is read here: a merge written
+    tensor by tensor holds one base weight at a time, not the whole base model.
 
-    `adapter` maps `<module>.mindpet_delta_lora_a/_b` to numpy arrays; returns the merged weight names.
+    `adapter` maps `<module>.mindpet_delta_lora_a/_b` to numpy arrays.
     """
-    merged = []
+    merged, names = dict(weights), []
     for name in sorted(adapter):
         if not name.endswith("." + LORA_A):
             continue
@@ -91,12 +95,17 @@ def merge_lora_weights(weights: dict, adapter: dict, alpha: float, rank: int) ->
         b_name, w_name = f"{module}.{LORA_B}", f"{module}.weight"
         if b_name not in adapter or w_name not in weights:
             raise PipelineError(f"adapter pair {module} has no {'B matrix' if b_name not in adapter else 'base weight'}")
-        weight = weights[w_name]
-        delta = adapter[b_name].astype(np.float32) @ adapter[name].astype(np.float32) * (alpha / rank)
-        if delta.shape != weight.shape:
-            raise PipelineError(f"adapter {module}: B@A is {delta.shape}, the base weight is {weight.shape}")
-        weights[w_name] = (weight.astype(np.float32) + delta).astype(weight.dtype)
-        merged.append(w_name)
-    if not merged:
+        base, delta_shape = weights[w_name], (adapter[b_name].shape[0], adapter[name].shape[1])
+        if delta_shape != base.shape:
+            raise PipelineError(f"adapter {module}: B@A is {delta_shape}, the base weight is {base.shape}")
+
+        def read(base=base, a=adapter[name], b=adapter[b_name]) -> np.ndarray:
+            weight = base.read()
+            delta = b.astype(np.float32) @ a.astype(np.float32) * (alpha / rank)
+            return (weight.astype(np.float32) + delta).astype(weight.dtype)
+
+        merged[w_name] = Entry(base.shape, base.dtype, read)
+        names.append(w_name)
+    if not names:
         raise PipelineError("the adapter holds no LoRA pairs")
-    return merged
+    return merged, names

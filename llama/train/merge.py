@@ -40,7 +40,7 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
     from llama.weights.writer import write_checkpoint
     from llama.config import ModelConfig
     from llama.train.adapter import check_base
-    from llama.train.lora import merge_lora_weights
+    from llama.train.lora import merge_lora_entries
 
     check_output_free(output, overwrite)
     run_dir = Path(run_dir)
@@ -69,7 +69,7 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
     _check_replicas(folders, weights)
     state = states[0]
     config = ModelConfig.from_dict(state["model_config"], f"{folders[0]}/state.json")
-    tensors = {name: entry.read() for name, entry in weights[0].items()}
+    tensors = weights[0]     # read one at a time as the output is written
     summary = {"output": str(output), "kind": state["kind"], "format": fmt, "step": step, "ranks": world}
 
     if state["kind"] == "prefix":
@@ -82,10 +82,12 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
             raise PipelineError(f"base checkpoint {base} of this LoRA run does not exist (pass --base)")
         check_base(base, recorded, run_dir)
         source = open_checkpoint(base, config)
-        adapter, tensors = tensors, {name: entry.read() for name, entry in source.entries.items()}
-        pet = state["pet"]
-        summary["merged_weights"] = len(merge_lora_weights(tensors, adapter, pet["lora_alpha"], pet["lora_rank"]))
+        adapter, pet = {name: entry.read() for name, entry in tensors.items()}, state["pet"]
+        tensors, merged = merge_lora_entries(source.entries, adapter, pet["lora_alpha"], pet["lora_rank"])
+        summary["merged_weights"] = len(merged)
         summary["base"] = str(base)
+        if tokenizer is None and source.tokenizer is not None:
+            tokenizer = source.tokenizer      # the merged model reads text as its base did
     manifest = save_checkpoint(tensors, output, config, fmt=fmt, tokenizer=tokenizer,
                                dtype=dtype or config.param_dtype, overwrite=overwrite)
     summary["tensors"] = manifest["tensors"]

@@ -30,12 +30,14 @@ def _param_array(param) -> np.ndarray:
 
 def params_source(model_or_params, config: ModelConfig) -> Source:
     """A Source over an in-memory model (nn.Cell; its tensors are read out in the checkpoint layout) or a
-    {name: numpy array or MindSpore tensor} dict that is in the checkpoint layout already."""
+    {name: numpy array, MindSpore tensor or Entry} dict that is in the checkpoint layout already."""
     is_model = hasattr(model_or_params, "parameters_and_names")
     params = dict(model_or_params.parameters_and_names()) if is_model else model_or_params
     entries = {}
     for name, value in params.items():
-        if isinstance(value, np.ndarray):
+        if isinstance(value, Entry):
+            entries[name] = value
+        elif isinstance(value, np.ndarray):
             entries[name] = Entry(value.shape, value.dtype, lambda v=value: v)
         else:
             entries[name] = Entry(tuple(value.shape), np.dtype(MS_TYPES[str(value.dtype)]),
