@@ -34,7 +34,7 @@ from llama.errors import PipelineError
 from llama.model import NEG_INF
 
 PROMPT_BUCKET = 16
-PREFILL_CHUNK = 128
+PREFILL_CHUNK = 64   # SmolLM2 on 24 SQuAD prompts of 75-431 tokens: 58 s against 70 s with 128 (less padding)
 CACHE_BUCKET = 64
 
 
