@@ -51,8 +51,12 @@ class Stages:
     """The MLflow side of a flow run: the parent run, and a nested run per stage."""
 
     def __init__(self, name: str, settings: dict):
-        self.parent = Run.start(f"pipeline:{name}", tags={
-            "pipeline": name, "prefect_flow_run_id": str(runtime.flow_run.id or ""), **_code_tags()})
+        # named after the Prefect flow run ("demo: witty-lynx"), so runs are told apart in MLflow's charts and
+        # comparisons, and each leads to its Prefect run by name as by the id tag
+        flow_run = runtime.flow_run
+        self.parent = Run.start(f"{name}: {flow_run.name}" if flow_run.name else name, tags={
+            "pipeline": name, "prefect_flow_run_id": str(flow_run.id or ""),
+            "prefect_flow_run_name": str(flow_run.name or ""), **_code_tags()})
         self.parent.log_params(settings)
         self.outcomes: dict[str, str] = {}
 

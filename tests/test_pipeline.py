@@ -54,6 +54,7 @@ def test_demo_evaluates_base_and_finetuned_reruns_from_cache_and_reruns_only_wha
     client = MlflowClient(tracking_uri())
     parent = client.get_run(first["mlflow_run_id"])
     assert parent.data.tags["prefect_flow_run_id"] and parent.data.tags["code_version"]
+    assert parent.info.run_name == f"tiny: {parent.data.tags['prefect_flow_run_name']}"
     assert parent.data.params["train.recipe"].endswith("tiny_lora.yaml")
     assert parent.data.metrics["finetuned.squad_f1_official"] == pytest.approx(metrics["finetuned.squad_f1_official"])
     assert parent.data.metrics["delta.ppl_mindformers"] == pytest.approx(metrics["delta.ppl_mindformers"])
@@ -77,6 +78,7 @@ def test_demo_evaluates_base_and_finetuned_reruns_from_cache_and_reruns_only_wha
     second = pipeline(config=CONFIG, overrides=quick, work_dir=work)
     assert set(second["tasks"].values()) == {"cached"}
     assert second["metrics"] == metrics
+    assert client.get_run(second["mlflow_run_id"]).info.run_name != parent.info.run_name
 
     # A new learning rate reruns training and what follows it; the base model's evaluations come from cache.
     third = pipeline(config=CONFIG, overrides=quick + ["train.set.optimizer.learning_rate=5e-3"], work_dir=work)
