@@ -170,6 +170,7 @@ def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages
         train_config = load_train_config(recipe, as_overrides(train_settings.get("set") or {})).to_dict()
         train_run = stages.start("train")
         train_run.log_params({"recipe": recipe.name, **train_config})
+        train_run.log_dataset(train_settings["dataset"], datasets[train_settings["dataset"]]["output"], "training")
         trained = stages.finish("train", train_run, train.train.submit(
             recipe_name, train_config, datasets[train_settings["dataset"]]["output"], checkpoint, work_dir,
             train_run.run_id), lambda run, result, how: train.log_training(run, result, how == "cached"))
@@ -245,6 +246,8 @@ class Evaluation:
                     continue
                 stage = f"{evaluation}-{model_name}"
                 run = self.stages.start(stage, {"evaluation": evaluation, "model": model_name})
+                if "data" in options:
+                    run.log_dataset(options["data"], self._data(options["data"]), "evaluation")
                 wait_for = [allow_failure(previous)] if previous is not None else None
                 future, log = self._start(evaluation, checkpoint, adapter, dict(options), stage, wait_for)
                 self.jobs.append((model_name, stage, run, future, log))

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.common import Inputs, outcome
-from llama.fileio import MANIFEST, sha256_file
+from llama.fileio import MANIFEST
 from llama.errors import PipelineError
 from llama.pipeline_config import load_flow_config
 from tasks.data import preprocess
@@ -59,9 +59,8 @@ def _track(settings: dict, results: dict, parent_run_id: str | None) -> str:
     for name, summary in results.items():
         run.log_metrics({f"{name}.rows": summary["rows"], f"{name}.dropped": summary.get("dropped", 0),
                          f"{name}.truncated": summary.get("truncated", 0)})
-        manifest = Path(summary["output"]) / MANIFEST
-        run.log_artifact(manifest, f"manifests/{name}")
-        run.log_dataset(name, digest=sha256_file(manifest), source=summary["output"], context=name,
+        run.log_artifact(Path(summary["output"]) / MANIFEST, f"manifests/{name}")
+        run.log_dataset(name, summary["output"], context="prepared",
                         profile={"rows": summary["rows"], "row_length": summary["row_length"]})
     run.end()
     return run.run_id

@@ -99,11 +99,16 @@ class Run:
             target.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
             self.log_artifact(target)
 
-    def log_dataset(self, name: str, digest: str, source: str, context: str, profile: dict | None = None) -> None:
-        """Record a dataset as a run input, named by its content digest, so runs show what data they used."""
+    def log_dataset(self, name: str, path: str | os.PathLike, context: str, profile: dict | None = None) -> None:
+        """Record the data at `path` as a run input with its content digest (a records folder's manifest's, or the
+        file's), so runs show what data they used, in which role (`context`: training, evaluation ...)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}),
+        from llama.fileio import MANIFEST, sha256_file
+
+        path = Path(path)
+        digest = sha256_file(path / MANIFEST if path.is_dir() else path)
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": str(path)}),
                           profile=json.dumps(profile) if profile else None)
         tags = [InputTag(key="mlflow.data.context", value=context)]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=tags)])

@@ -70,7 +70,18 @@ def test_demo_evaluates_base_and_finetuned_reruns_from_cache_and_reruns_only_wha
     assert len(client.get_metric_history(train_run.info.run_id, "loss")) == 4
     artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
     assert {"curves.png", "metrics.jsonl", "train_config.json"} <= artifacts
-    assert stages["prepare-data"].inputs.dataset_inputs
+    def inputs(stage: str) -> set[tuple[str, str]]:
+        """(dataset name, context) of a stage run's MLflow inputs."""
+        return {(i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"])
+                for i in stages[stage].inputs.dataset_inputs}
+
+    assert {("squad_train", "prepared"), ("wiki_eval", "prepared")} <= inputs("prepare-data")
+    assert inputs("train") == {("squad_train", "training")}
+    for model in ("base", "finetuned"):
+        assert inputs(f"squad-{model}") == {("squad_eval", "evaluation")}
+        assert inputs(f"perplexity-mindformers-{model}") == {("wiki_eval", "evaluation")}
+    assert {i.dataset.digest for i in stages["train"].inputs.dataset_inputs} <= \
+        {i.dataset.digest for i in stages["prepare-data"].inputs.dataset_inputs}   # the same data, by content
     version = client.get_model_version("llama2-tiny", first["registered"]["version"])
     assert float(version.tags["metric.ppl_mindformers"]) == pytest.approx(metrics["finetuned.ppl_mindformers"])
     assert {"pipeline-metrics", "stage-train", "stage-squad-base", "stage-squad-finetuned"} <= _prefect_artifact_keys()
