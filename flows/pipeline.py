@@ -246,7 +246,7 @@ class Evaluation:
                     continue
                 stage = f"{evaluation}-{model_name}"
                 run = self.stages.start(stage, {"evaluation": evaluation, "model": model_name})
-                if "data" in options:
+                if options.get("data") in self.datasets:   # prepared records (a raw source is still downloading)
                     run.log_dataset(options["data"], self._data(options["data"]), "evaluation")
                 wait_for = [allow_failure(previous)] if previous is not None else None
                 future, log = self._start(evaluation, checkpoint, adapter, dict(options), stage, wait_for)
