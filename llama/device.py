@@ -45,9 +45,18 @@ def graphs_fit(model) -> bool:
     return False
 
 
+def runs_compiled(model) -> bool:
+    """Whether `model` runs in compiled graphs: `graphs_fit` asked once, at its first use, and kept on the model,
+    so that its training, perplexity and generation graphs agree, and a model kept warm keeps its choice (free
+    memory shrinks as its first graphs compile)."""
+    if "_runs_compiled" not in vars(model):
+        model._runs_compiled = graphs_fit(model)
+    return model._runs_compiled
+
+
 def compiled_or_eager(function, model):
-    """`mindspore.jit(function)` where `graphs_fit(model)`, else `function` itself, run eagerly (PyNative:
+    """`mindspore.jit(function)` where `model` runs compiled, else `function` itself, run eagerly (PyNative:
     slower per step, but no second copy of a 7B model)."""
     import mindspore as ms
 
-    return ms.jit(function) if graphs_fit(model) else function
+    return ms.jit(function) if runs_compiled(model) else function

@@ -29,7 +29,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from llama.device import graphs_fit
+from llama.device import compiled_or_eager, runs_compiled
 from llama.errors import PipelineError
 from llama.model import NEG_INF
 
@@ -131,7 +131,7 @@ class _Graphs:
     shapes they have run at. Kept on the model, so that later calls reuse them and they go with it."""
 
     def __init__(self, model):
-        self.compiled = graphs_fit(model)
+        self.model = model
         self.cells = {}
         self.shapes = []     # (rows, prefill chunk, cache length)
 
@@ -143,15 +143,14 @@ class _Graphs:
 
     def cell(self, kind: str, make):
         if kind not in self.cells:
-            construct = make().construct
-            self.cells[kind] = ms.jit(construct) if self.compiled else construct
+            self.cells[kind] = compiled_or_eager(make().construct, self.model)
         return self.cells[kind]
 
     def shape(self, batch: int, longest: int, chunk: int, length: int, decode_slots: int) -> tuple[int, int, int]:
         """(rows, prefill chunk, cache length) for a call that needs (batch, chunk, length): the smallest shape
         already compiled that holds it, since extra rows and padding cost far less than compiling a 30-layer
         model's prefill and decode graphs again (about 20 s); else its own, remembered. Eagerly, its own."""
-        if not self.compiled:
+        if not runs_compiled(self.model):
             return batch, chunk, length
         fitting = [(rows, c, cache) for rows, c, cache in self.shapes
                    if rows >= batch and cache >= length and _round_up(longest, c) + decode_slots <= cache]

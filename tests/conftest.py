@@ -44,6 +44,18 @@ def processes(tmp_path):
     running.stop()
 
 
+@pytest.fixture
+def compiles(monkeypatch) -> list:
+    """A list that gains an entry each time MindSpore compiles a graph (its `_check_recompile` hook, called only
+    when it is about to compile): tests clear it and check that warm or reused graphs compile nothing."""
+    from mindspore.graph import api
+
+    seen = []
+    check_recompile = api._check_recompile
+    monkeypatch.setattr(api, "_check_recompile", lambda *args: seen.append(args) or check_recompile(*args))
+    return seen
+
+
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
     return FIXTURES

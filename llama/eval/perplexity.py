@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from llama.data.records import read_columns, verify
-from llama.device import graphs_fit
+from llama.device import compiled_or_eager, runs_compiled
 from llama.data.wiki import standard_ids, wikitext_detokenize
 from llama.fileio import read_text
 from llama.errors import PipelineError
@@ -53,7 +53,7 @@ class TokenNLL:
         model.set_train(False)
         self.rows, self.length, self.config, self._tensor = rows, length, model.config, ms.Tensor
         self._nll = _compiled_nll(model)
-        self.padded = model._nll_compiled   # fixed shapes serve a compiled graph; eagerly they only cost time
+        self.padded = runs_compiled(model)   # fixed shapes serve a compiled graph; eagerly they only cost time
 
     def __call__(self, inputs: np.ndarray, targets: np.ndarray, progress: Progress | None = None) -> np.ndarray:
         """float64 [n, length] NLL for any number of rows, `self.rows` at a time."""
@@ -77,15 +77,13 @@ def _compiled_nll(model):
     """One jit function per model (eager where its graph would not fit: llama.device), kept on it: a new one per
     TokenNLL would compile its graphs again."""
     if "_nll_graph" not in vars(model):
-        import mindspore as ms
         from mindspore import ops
 
         def nll(inputs, targets):
             log_probs = ops.log_softmax(model(inputs), -1)
             return -ops.gather_elements(log_probs, -1, targets.expand_dims(-1)).squeeze(-1)
 
-        model._nll_compiled = graphs_fit(model)
-        model._nll_graph = ms.jit(nll) if model._nll_compiled else nll
+        model._nll_graph = compiled_or_eager(nll, model)
     return model._nll_graph
 
 
