@@ -8,7 +8,8 @@ from llama.cli import add_command
 
 
 def _add_flow_options(parser, default_config: str) -> None:
-    parser.add_argument("--config", default=default_config, help=f"flow config YAML (default {default_config})")
+    parser.add_argument("--config", default=default_config, help=f"flow config: a YAML file or the name of a shipped one (`llama2-pipeline configs`); "
+                             f"default {default_config}")
     parser.add_argument("--work-dir", default="work", help="where outputs and the download cache live (default work)")
     parser.add_argument("--mirror", help="mirror for remote sources (see `download --help`)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect.futures import PrefectFuture
 
 from llama.download import load_sources
-from llama.pipeline_config import REPO, check_input
+from llama.pipeline_config import check_input
 from llama.yamlconfig import resolve_path
 from tasks.data import download_source
 

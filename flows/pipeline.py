@@ -26,11 +26,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.common import REPO, Inputs, outcome
 from flows.prepare_data import prepare_data
-from llama.config import CONFIG_DIR
 from llama.errors import PipelineError
 from llama.pipeline_config import check_pipeline_config
 from llama.train.config import load_train_config
-from llama.yamlconfig import as_overrides, resolve_path
+from llama.yamlconfig import as_overrides, config_file, resolve_path
 from tasks import evaluate, model, train
 from tasks.cache import code_version
 from tasks.tracking import Run
@@ -208,7 +207,7 @@ def _model_config_file(value: str | None, base) -> str | None:
     if value is None:
         return None
     path = resolve_path(value, base)
-    return str(path if path.exists() else CONFIG_DIR / f"{value}.yaml")
+    return str(path if path.exists() else config_file(value, "model"))
 
 
 EVALUATION_METRICS = ("ppl_", "squad_", "word_", "byte_")

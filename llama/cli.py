@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Sequence
 from llama.errors import PipelineError
 
 LIBRARY_COMMANDS = (
+    "llama.yamlconfig",
     "llama.download",
     "llama.data.cli",
     "llama.weights.cli",

@@ -24,10 +24,7 @@ from pydantic.dataclasses import dataclass
 
 from llama.errors import PipelineError
 from llama.yamlconfig import (DTYPES, SCHEMA, Dtype, NonNegativeInt, PositiveFloat, PositiveInt,
-                              build, load_yaml)
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
-
+                              build, config_file, load_yaml)
 
 HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -105,11 +102,7 @@ class ModelConfig:
     @classmethod
     def named(cls, name: str) -> "ModelConfig":
         """A config shipped in configs/model/, e.g. "tiny", "llama2_7b"."""
-        path = CONFIG_DIR / f"{name}.yaml"
-        if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-            raise PipelineError(f"no model config named {name!r} (known: {known})")
-        return cls.from_yaml(path)
+        return cls.from_yaml(config_file(name, "model"))
 
     @classmethod
     def load(cls, spec: str | Path) -> "ModelConfig":

@@ -21,9 +21,7 @@ from llama.download import load_sources
 from llama.errors import PipelineError
 from llama.train.config import load_train_config
 from llama.yamlconfig import (SCHEMA, Dtype, NonNegativeFloat, NonNegativeInt, PositiveInt, apply_overrides,
-                              as_overrides, build, load_yaml, resolve_path)
-
-REPO = Path(__file__).resolve().parent.parent
+                              as_overrides, build, config_file, load_yaml, resolve_path)
 
 FORMATS = Literal["ckpt", "safetensors", "hf"]
 NucleusMass = Annotated[float, Strict(), Field(gt=0, le=1)]
@@ -146,11 +144,9 @@ class PipelineConfig:
 
 
 def load_flow_config(config: str, overrides: list[str] | None = None, schema=None) -> tuple[dict, Path]:
-    """The config mapping with overrides applied and checked against `schema`, and the folder its relative
-    paths are resolved against."""
-    path = Path(config)
-    if not path.is_absolute() and not path.exists() and (REPO / path).exists():
-        path = REPO / path  # configs/... works from any working folder
+    """The config mapping (a file, or the name of one in configs/data or configs/pipeline, by `schema`) with
+    overrides applied and checked against `schema`, and the folder its relative paths are resolved against."""
+    path = config_file(config, "pipeline" if schema is PipelineConfig else "data")
     settings = apply_overrides(load_yaml(path), overrides or [])
     build(schema or DataConfig, settings, f"config {path}")
     return settings, path.resolve().parent

@@ -1,6 +1,7 @@
 """Declarative YAML configs with `key.path=value` overrides from the command line, and the typed checks
 every config goes through: one loader, one dtype table, schemas as pydantic dataclasses whose first
-violation becomes a one-line `PipelineError`.
+violation becomes a one-line `PipelineError`. Configs shipped in configs/KIND/ are also found by name
+(`--config tiny_lora`), and `llama2-pipeline configs` lists them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Annotated, Iterable, Literal, get_args
 import yaml
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
 
+from llama.cli import add_command
 from llama.errors import PipelineError
 
 
@@ -50,6 +52,45 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise PipelineError(f"config {path} must be a mapping of settings")
     return data
+
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_KINDS = ("pipeline", "data", "train", "model")
+
+
+def config_file(spec: str | os.PathLike, kind: str) -> Path:
+    """The YAML a `--config` means: a file (relative to the working folder, else to the repository, so that
+    `configs/...` works from any folder), or the name of one shipped in configs/KIND/, as torchtune's recipes
+    take theirs (`--config tiny_lora`). A name that is not shipped is a one-line error listing those that are."""
+    path = Path(os.path.expanduser(str(spec)))
+    named = CONFIG_ROOT / kind / f"{path.name}.yaml"
+    looks_like_name = not path.suffix and len(path.parts) == 1
+    for candidate in (path, CONFIG_ROOT.parent / path, *([named] if looks_like_name else [])):
+        if candidate.is_file():
+            return candidate
+    if not looks_like_name:
+        return path   # load_yaml says it does not exist
+    shipped = ", ".join(name for _, name, _ in shipped_configs(kind))
+    raise PipelineError(f"no {kind} config named {str(spec)!r} (shipped: {shipped}; `llama2-pipeline configs` "
+                        f"lists them)")
+
+
+def shipped_configs(kind: str | None = None) -> list[tuple[str, str, str]]:
+    """(kind, name, what it is: its first comment line) of every config in configs/ (of one kind), sorted."""
+    found = []
+    for each in ([kind] if kind else CONFIG_KINDS):
+        for path in sorted((CONFIG_ROOT / each).glob("*.yaml")):
+            first = path.read_text(encoding="utf-8").lstrip().splitlines()[:1]
+            about = first[0].lstrip("#").strip() if first and first[0].startswith("#") else ""
+            found.append((each, path.stem, about))
+    return found
+
+
+def register(subparsers) -> None:
+    parser = add_command(subparsers, "configs", lambda args: {
+        f"{kind}/{name}": about for kind, name, about in shipped_configs(args.kind)},
+        help="list the configs shipped in configs/; every --config also takes one by name (--config tiny_lora)")
+    parser.add_argument("kind", nargs="?", choices=CONFIG_KINDS, help="list only this kind")
 
 
 def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:

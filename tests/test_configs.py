@@ -1,5 +1,6 @@
 """Every shipped pipeline config parses and refers to recipes, data configs, datasets and sources that exist."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ from llama.pipeline_config import DataConfig, PipelineConfig, load_flow_config
 from llama.train.config import load_train_config
 from llama.yamlconfig import as_overrides, resolve_path
 
-PIPELINES = sorted((Path(__file__).resolve().parent.parent / "configs" / "pipeline").glob("*.yaml"))
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PIPELINES = sorted((CONFIGS / "pipeline").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.stem)
@@ -33,3 +35,38 @@ def test_pipeline_config_is_consistent(path):
         assert name in datasets or name in sources or resolve_path(name, base).is_file()
     for options in list(evaluate.get("perplexity", {}).values()) + [evaluate.get(k, {}) for k in ("squad", "samples")]:
         assert set(options.get("models", [])) <= {"base", "finetuned"}  # the models an evaluation runs on
+
+
+def _cli_json(capfd, *argv) -> dict:
+    from llama.cli import run
+
+    capfd.readouterr()
+    assert run([*argv, "--json"]) == 0
+    return json.loads(capfd.readouterr().out.splitlines()[-1])
+
+
+def test_configs_lists_every_shipped_config_with_what_it_is(capfd):
+    listed = _cli_json(capfd, "configs")
+    shipped = {f"{path.parent.name}/{path.stem}" for path in CONFIGS.glob("*/*.yaml")}
+    assert set(listed) == shipped and all(listed.values())
+    assert set(_cli_json(capfd, "configs", "train")) == {name for name in shipped if name.startswith("train/")}
+
+
+def test_a_config_may_be_given_by_its_shipped_name_from_any_folder(capfd, tmp_path, monkeypatch):
+    by_path = _cli_json(capfd, "plan", "--config", str(CONFIGS / "train" / "lora_llama2_7b.yaml"),
+                       "--device-memory", "64GiB")
+    monkeypatch.chdir(tmp_path)
+    assert _cli_json(capfd, "plan", "--config", "lora_llama2_7b", "--device-memory", "64GiB") == by_path
+    assert load_flow_config("demo", schema=PipelineConfig) == load_flow_config(
+        str(CONFIGS / "pipeline" / "demo.yaml"), schema=PipelineConfig)
+    assert load_flow_config("tiny")[0] == load_flow_config(str(CONFIGS / "data" / "tiny.yaml"))[0]
+
+
+def test_an_unknown_config_name_is_one_line_listing_the_shipped_ones(capfd):
+    from llama.cli import run
+
+    capfd.readouterr()
+    assert run(["plan", "--config", "lora_llama2_8b"]) == 1
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: no train config named 'lora_llama2_8b' (shipped: ")
+    assert "lora_llama2_7b" in err and "tiny_lora" in err

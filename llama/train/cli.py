@@ -45,7 +45,9 @@ def _merge(args) -> dict:
 def register(subparsers) -> None:
     parser = add_command(subparsers, "train", _train,
                          help="pretrain or finetune (full, LoRA, prefix tuning) from a YAML recipe")
-    parser.add_argument("--config", required=True, type=Path, help="a training recipe, e.g. configs/train/tiny_pretrain.yaml")
+    parser.add_argument("--config", required=True, type=Path,
+                        help="a training recipe: a YAML file or a shipped name, e.g. tiny_pretrain "
+                             "(`llama2-pipeline configs train` lists them)")
     parser.add_argument("--output-dir", required=True, type=Path, help="run folder: checkpoints, metrics, result")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -54,7 +56,8 @@ def register(subparsers) -> None:
     parser = add_command(subparsers, "plan", _plan,
                          help="per-device memory of a training recipe (weights, gradients, optimizer, activations) "
                               "and whether it fits")
-    parser.add_argument("--config", required=True, type=Path, help="a training recipe, e.g. configs/train/lora_llama2_7b.yaml")
+    parser.add_argument("--config", required=True, type=Path,
+                        help="a training recipe: a YAML file or a shipped name, e.g. lora_llama2_7b")
     parser.add_argument("--device-memory", help="memory of one device, e.g. 64GiB (default: this machine's RAM)")
     parser.add_argument("--seq-length", type=int,
                         help="tokens per row (default: the rows of data.train, else the model's context)")

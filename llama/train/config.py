@@ -23,7 +23,7 @@ from pydantic.dataclasses import dataclass
 
 from llama.errors import PipelineError
 from llama.yamlconfig import (SCHEMA, Dtype, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                              PositiveInt, apply_overrides, build, load_yaml, resolve_path)
+                              PositiveInt, apply_overrides, build, config_file, load_yaml, resolve_path)
 
 
 @dataclass(config=SCHEMA)
@@ -168,10 +168,12 @@ class TrainConfig:
 
 def load_train_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = (),
                       base: dict | None = None) -> TrainConfig:
-    """Read a YAML recipe (or start from `base`), apply `key.path=value` overrides and validate."""
+    """Read a YAML recipe (a file, or the name of one in configs/train; or start from `base`), apply
+    `key.path=value` overrides and validate."""
     data = dict(base or {})
     if path is not None:
-        data = _resolve_paths(load_yaml(path), Path(path).resolve().parent)
+        path = config_file(path, "train")
+        data = _resolve_paths(load_yaml(path), path.resolve().parent)
     data = _resolve_paths(apply_overrides(data, overrides), Path.cwd())
     return TrainConfig.from_dict(data)
 
