@@ -24,22 +24,23 @@ import subprocess
 from prefect import allow_failure, flow, runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import REPO, Inputs, outcome
+from flows.common import Inputs, outcome
 from flows.prepare_data import prepare_data
 from llama.errors import PipelineError
 from llama.pipeline_config import check_pipeline_config
 from llama.train.config import load_train_config
-from llama.yamlconfig import as_overrides, config_file, resolve_path
+from llama.yamlconfig import CONFIG_ROOT, as_overrides, config_file, resolve_path
 from tasks import evaluate, model, train
 from tasks.cache import code_version
 from tasks.tracking import Run
 
 
 def _code_tags() -> dict[str, str]:
-    """The code version: the library's source digest, and the git commit when there is one."""
-    tags = {"code_version": code_version("tasks.train")[:16]}
+    """The code version: the digest of every stage's source (tasks and the library), and the git commit when
+    there is one."""
+    tags = {"code_version": code_version("tasks.data", "tasks.model", "tasks.train", "tasks.evaluate")[:16]}
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CONFIG_ROOT.parent, capture_output=True, text=True, check=True)
         tags["git_commit"] = commit.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         pass

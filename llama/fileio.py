@@ -206,6 +206,17 @@ def pipeline_manifest_files(folder: str | os.PathLike) -> dict | None:
     return manifest["files"]
 
 
+def checkpoint_identity(path: str | os.PathLike) -> str:
+    """sha256 naming a checkpoint: of its manifest's file list for our folders, else of its file(s)."""
+    path = Path(path)
+    files = pipeline_manifest_files(path)
+    if files is not None:
+        return sha256_bytes(json.dumps(files, sort_keys=True).encode())
+    if path.is_file():
+        return sha256_file(path)
+    return sha256_bytes("".join(f"{p.name}:{sha256_file(p)}\n" for p in sorted(path.iterdir()) if p.is_file()).encode())
+
+
 def verify_manifest(folder: str | os.PathLike, fmt: str, what: str) -> dict:
     """The manifest of `folder`, after checking that it is a `what` manifest in format `fmt` and that every
     file it lists is intact; a one-line error otherwise."""

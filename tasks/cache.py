@@ -1,7 +1,8 @@
 """Content cache keys for Prefect tasks.
 
-A task's key is the sha256 of: the code version (the source of the task's module and of every project
-module it imports), the task's name, the *content* of its input files and
+A task's key is the sha256 of: its stage's code version (the source of the library modules the stage calls,
+with every project module they import, and of the task's own body: not the rest of its tasks module, so a
+change to MLflow logging or a plot reruns nothing), the task's name, the *content* of its input files and
 folders, and the config values that matter. Paths never enter the key, so moving a file changes nothing
 and replacing its bytes under the same name reruns exactly what depends on it.
 
@@ -61,21 +62,16 @@ def _imported_modules(path: Path) -> set[str]:
 _CODE_VERSION_LOCK = threading.Lock()
 
 
-def code_version(module: str) -> str:
-    """Digest of the source of `module` and of every project module it imports, transitively."""
+def code_version(*modules: str) -> str:
+    """Digest of the source of `modules` and of every project module they import, transitively."""
     with _CODE_VERSION_LOCK:  # task threads ask at once; CPython 3.11's ast.parse is not safe across threads
-        return _code_version(module)
+        return _code_version(modules)
 
 
-@functools.lru_cache(maxsize=None)
-def _code_version(module: str) -> str:
-    """Digest of the source of `module` and of every project module it imports, transitively.
-
-    A change to the tokenizer reruns tokenization but not conversion; a change to the model does not
-    rerun tokenization.
-    """
+def code_modules(*modules: str) -> dict[str, Path]:
+    """`modules` and every project module they import, transitively: what `code_version` digests."""
     seen: dict[str, Path] = {}
-    pending = [module]
+    pending = list(modules)
     while pending:
         name = pending.pop()
         path = _module_file(name)
@@ -83,6 +79,14 @@ def _code_version(module: str) -> str:
             continue
         seen[name] = path
         pending.extend(_imported_modules(path))
+    return seen
+
+
+@functools.lru_cache(maxsize=None)
+def _code_version(modules: tuple[str, ...]) -> str:
+    """A change to the tokenizer reruns tokenization but not conversion; a change to the model does not
+    rerun tokenization."""
+    seen = code_modules(*modules)
     digest = hashlib.sha256(llama.__version__.encode())
     for name in sorted(seen):
         digest.update(f"{name}\0".encode() + seen[name].read_bytes())
@@ -129,16 +133,16 @@ def _paths(value: Any) -> Iterable[Any]:
 
 
 def content_key(name: str, parameters: dict, file_params: Iterable[str], ignore: Iterable[str] = (),
-                code: str = "tasks") -> str:
+                version: str = "") -> str:
     """The cache key of task `name` called with `parameters`.
 
     `file_params` name the parameters that hold input paths (a path, a list or a dict of paths): their
     content is hashed, not their names. `ignore` names parameters that do not change the result (the work
-    folder, an MLflow run id). Every other parameter is a config value and is hashed as JSON. `code` is the
-    module whose source (with what it imports) versions the result.
+    folder, an MLflow run id). Every other parameter is a config value and is hashed as JSON. `version` is the
+    stage's code version (`CachedStage.version`).
     """
     file_params, ignore = set(file_params), set(ignore)
-    digest = hashlib.sha256(f"{code_version(code)}\0{name}\0".encode())
+    digest = hashlib.sha256(f"{version}\0{name}\0".encode())
     for param in sorted(file_params):
         for item in _paths(parameters.get(param)):
             digest.update(f"{param}\0{content_digest(item)}\0".encode())
@@ -159,23 +163,34 @@ def verified_by(verify: Callable[[Path], Any]) -> Callable[[Path], bool]:
 
 
 class CachedStage:
-    """The cache rule of one stage: which parameters are input files, which do not matter, and how to
-    tell that a previous run's outputs are intact.
+    """The cache rule of one stage: the library modules it calls (its code version), which parameters are input
+    files, which do not matter, and how to tell that a previous run's outputs are intact.
 
-    Use `cache_key_fn` as the task's Prefect `cache_key_fn`, and `output_dir(locals())` first thing in the
-    task body to get the key-named folder the task writes to.
+    Use `cache_key_fn` as the task's Prefect `cache_key_fn`, `exclusive` (or `body`) on the task function, and
+    `output_dir(locals())` first thing in the task body to get the key-named folder the task writes to.
     """
 
-    def __init__(self, stage: str, code: str, file_params: Iterable[str] = (),
+    def __init__(self, stage: str, calls: Iterable[str], file_params: Iterable[str] = (),
                  ignore: Iterable[str] = ("work_dir", "run_id"), outputs_valid: Callable[[Path], bool] | None = None):
         self.stage = stage
-        self.code = code
+        self.calls = tuple(calls)
         self.file_params = tuple(file_params)
         self.ignore = tuple(ignore)
         self.outputs_valid = outputs_valid
+        self.body_source = ""
+
+    def body(self, fn: Callable) -> Callable:
+        """Mark `fn` as the stage's task body: its own source joins the code version."""
+        self.body_source = inspect.getsource(fn)
+        return fn
+
+    @property
+    def version(self) -> str:
+        """Digest of the called library modules (with their imports) and of the task body."""
+        return hashlib.sha256(f"{code_version(*self.calls)}\0{self.body_source}".encode()).hexdigest()
 
     def key(self, parameters: dict) -> str:
-        return content_key(self.stage, parameters, self.file_params, self.ignore, self.code)
+        return content_key(self.stage, parameters, self.file_params, self.ignore, self.version)
 
     def output_dir(self, parameters: dict) -> Path:
         """`<work_dir>/<stage>/<key>`: where a run with these parameters keeps its outputs."""
@@ -191,7 +206,7 @@ class CachedStage:
         folder verifies, and builds it itself if not (the other run failed: training resumes from its
         checkpoints). Leftovers of writes killed mid-way are removed before building.
         """
-        signature = inspect.signature(fn)
+        signature = inspect.signature(self.body(fn))
 
         @functools.wraps(fn)
         def build_once(*args, **kwargs) -> dict:

@@ -40,7 +40,8 @@ def download_source(source: download.Source, cache_dir: str, mirror: str | None 
     return str(download.fetch(source, cache_dir, mirror=mirror, progress=False))
 
 
-PREPROCESS = CachedStage("records", code=__name__, file_params=("input", "tokenizer"), ignore=("work_dir", "name"),
+PREPROCESS = CachedStage("records", calls=tuple(run.__module__ for run, _ in PREPROCESSORS.values()),
+                         file_params=("input", "tokenizer"), ignore=("work_dir", "name"),
                          outputs_valid=verified_by(records.verify))
 
 

@@ -26,7 +26,7 @@ def _finish(out: Path, result: dict) -> None:
 
 
 outputs_intact = verified_by(lambda folder: verify_manifest(folder, OUTPUTS, "evaluation outputs"))
-PERPLEXITY = CachedStage("perplexity", code=__name__, file_params=("checkpoint", "data", "adapter"),
+PERPLEXITY = CachedStage("perplexity", calls=("llama.eval.perplexity",), file_params=("checkpoint", "data", "adapter"),
                          outputs_valid=outputs_intact)
 
 
@@ -44,7 +44,8 @@ def perplexity(checkpoint: str, data: str, convention: str, settings: dict, work
     return result
 
 
-SQUAD = CachedStage("squad", code=__name__, file_params=("checkpoint", "data", "adapter"), outputs_valid=outputs_intact)
+SQUAD = CachedStage("squad", calls=("llama.eval.squad",), file_params=("checkpoint", "data", "adapter"),
+                    outputs_valid=outputs_intact)
 
 
 @task(name="squad", cache_key_fn=SQUAD.cache_key_fn, persist_result=True, task_run_name="squad")
@@ -59,7 +60,8 @@ def squad(checkpoint: str, data: str, settings: dict, work_dir: str, adapter: st
     return result
 
 
-SAMPLES = CachedStage("samples", code=__name__, file_params=("checkpoint", "adapter"), outputs_valid=outputs_intact)
+SAMPLES = CachedStage("samples", calls=("llama.eval.predict",), file_params=("checkpoint", "adapter"),
+                      outputs_valid=outputs_intact)
 
 
 @task(name="samples", cache_key_fn=SAMPLES.cache_key_fn, persist_result=True, task_run_name="samples")

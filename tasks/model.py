@@ -10,14 +10,15 @@ from prefect import task
 import llama
 from llama.config import ModelConfig
 from llama.errors import PipelineError
-from llama.eval.loading import load_tokenizer
+from llama.data.tokenizer import load_tokenizer
 from llama.weights.source import open_checkpoint, verify_folder
 from llama.weights.writer import write_checkpoint
 from tasks.cache import CachedStage, verified_by
 from tasks.tracking import tracking_uri
 
 
-CONVERT = CachedStage("convert", code=__name__, file_params=("source", "tokenizer", "model_config"),
+CONVERT = CachedStage("convert", calls=("llama.weights.source", "llama.weights.writer", "llama.data.tokenizer"),
+                      file_params=("source", "tokenizer", "model_config"),
                       outputs_valid=verified_by(verify_folder))
 
 
@@ -42,7 +43,9 @@ def _own_tokenizer(folder: Path) -> str | None:
         return None
 
 
-REGISTER = CachedStage("register", code=__name__, file_params=("checkpoint",), ignore=("run_id", "tags"))
+# registering is logging: what it logs (this module, the MLflow model and tracking) is its code
+REGISTER = CachedStage("register", calls=(__name__, "tasks.mlflow_model"), file_params=("checkpoint",),
+                       ignore=("run_id", "tags"))
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 LIBRARY = Path(llama.__file__).parent
 # What a registered model needs to run, pinned to the versions it was logged with.

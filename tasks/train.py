@@ -32,7 +32,8 @@ def training_intact(folder: Path) -> bool:
     return True
 
 
-TRAIN = CachedStage("train", code=__name__, file_params=("data", "base"), outputs_valid=training_intact)
+TRAIN = CachedStage("train", calls=("llama.train.trainer",), file_params=("data", "base"),
+                    outputs_valid=training_intact)
 
 
 @task(name="train", cache_key_fn=TRAIN.cache_key_fn, persist_result=True, task_run_name="train-{recipe_name}")
@@ -97,7 +98,7 @@ def plot_curves(steps: list[dict], path: Path) -> Path:
     return path
 
 
-MERGE = CachedStage("merge", code=__name__, file_params=("run_dir", "base", "tokenizer"),
+MERGE = CachedStage("merge", calls=("llama.train.merge",), file_params=("run_dir", "base", "tokenizer"),
                     outputs_valid=verified_by(verify_folder))
 
 

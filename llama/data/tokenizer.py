@@ -297,3 +297,14 @@ class SentencePieceTokenizer(Tokenizer):
             if progress is not None:
                 progress.update(last - first)
         return flatten_id_lists(id_lists)
+
+
+def load_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Tokenizer:
+    """`tokenizer` if given, else the checkpoint folder's own (its tokenizer.json, else its tokenizer.model)."""
+    if tokenizer is None:
+        folder = Path(checkpoint)
+        if not any((folder / name).is_file() for name in (TOKENIZER_JSON, TOKENIZER_MODEL)):
+            raise PipelineError(f"checkpoint {checkpoint} has no {TOKENIZER_JSON} or {TOKENIZER_MODEL}; "
+                                "pass one with --tokenizer")
+        tokenizer = folder
+    return Tokenizer(tokenizer)

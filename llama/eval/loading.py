@@ -1,12 +1,10 @@
-"""The model and tokenizer an evaluation runs on: a checkpoint folder carries both, `--tokenizer` overrides."""
+"""The model an evaluation runs on (its tokenizer: `llama.data.tokenizer.load_tokenizer`), kept warm between
+evaluations of checkpoints with one config."""
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from pathlib import Path
-
-from llama.errors import PipelineError
 
 
 class _Warm:
@@ -57,14 +55,3 @@ def load_model(checkpoint: str | os.PathLike, dtype: str | None = None, model_co
     return (apply_adapter(model, trained) if trained else model), config
 
 
-def load_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
-    """`tokenizer` if given, else the checkpoint folder's own (its tokenizer.json, else its tokenizer.model)."""
-    from llama.data.tokenizer import TOKENIZER_JSON, TOKENIZER_MODEL, Tokenizer
-
-    if tokenizer is None:
-        folder = Path(checkpoint)
-        if not any((folder / name).is_file() for name in (TOKENIZER_JSON, TOKENIZER_MODEL)):
-            raise PipelineError(f"checkpoint {checkpoint} has no {TOKENIZER_JSON} or {TOKENIZER_MODEL}; "
-                                "pass one with --tokenizer")
-        tokenizer = folder
-    return Tokenizer(tokenizer)

@@ -27,11 +27,12 @@ from typing import Iterator
 import numpy as np
 
 from llama.data.records import read_columns, verify
-from llama.device import compiled_or_eager, runs_compiled
+from llama.data.tokenizer import load_tokenizer
 from llama.data.wiki import standard_ids, wikitext_detokenize
-from llama.fileio import read_text
+from llama.device import compiled_or_eager, runs_compiled
 from llama.errors import PipelineError
-from llama.eval.loading import load_model, load_tokenizer
+from llama.eval.loading import load_model
+from llama.fileio import read_text
 from llama.progress import Progress
 
 CONVENTIONS = ("mindformers", "standard")

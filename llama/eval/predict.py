@@ -12,8 +12,9 @@ import os
 import time
 from pathlib import Path
 
+from llama.data.tokenizer import load_tokenizer
 from llama.errors import PipelineError
-from llama.eval.loading import load_model, load_tokenizer
+from llama.eval.loading import load_model
 from llama.fileio import atomic_path, check_output_free
 
 

@@ -25,8 +25,9 @@ import numpy as np
 
 from llama.data.records import read_columns, verify
 from llama.data.squad import ANSWERS_FILE, QUESTIONS, read_answers, read_squad, squad_columns
+from llama.data.tokenizer import load_tokenizer
 from llama.errors import PipelineError
-from llama.eval.loading import load_model, load_tokenizer
+from llama.eval.loading import load_model
 from llama.eval.metrics import score_answer, squad_totals
 from llama.fileio import atomic_dir, check_output_free, read_json, write_json_atomic
 from llama.progress import Progress

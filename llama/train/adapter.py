@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llama.errors import PipelineError
+from llama.fileio import checkpoint_identity
 from llama.train import checkpointing
 
 
@@ -26,8 +27,6 @@ class Adapter:
 
 def check_base(base: str | os.PathLike, recorded: dict, run: str | os.PathLike) -> None:
     """Refuse weights other than the base checkpoint the run's adapter was trained on."""
-    from llama.train.trainer import checkpoint_identity
-
     if checkpoint_identity(base) != recorded["sha256"]:
         raise PipelineError(f"{base} is not the base checkpoint the adapter in {run} was trained on "
                             f"({recorded['path']}, sha256 {recorded['sha256'][:16]}... expected)")

@@ -22,8 +22,8 @@ from typing import Callable
 import numpy as np
 
 from llama.errors import PipelineError
-from llama.fileio import (exclusive_lock, pipeline_manifest_files, read_json, remove_partials, sha256_bytes,
-                          sha256_file, write_json_atomic)
+from llama.fileio import (checkpoint_identity, exclusive_lock, read_json, remove_partials, sha256_bytes,
+                          write_json_atomic)
 from llama.progress import Progress
 from llama.train import checkpointing
 from llama.train.config import TrainConfig, as_train_config
@@ -222,17 +222,6 @@ class Network:
         if self.kind == "full":
             return list(self.net.get_parameters())
         return list(self.net.trainable_params())
-
-
-def checkpoint_identity(path: str | os.PathLike) -> str:
-    """sha256 naming a checkpoint: of its manifest's file list for our folders, else of its file(s)."""
-    path = Path(path)
-    files = pipeline_manifest_files(path)
-    if files is not None:
-        return sha256_bytes(json.dumps(files, sort_keys=True).encode())
-    if path.is_file():
-        return sha256_file(path)
-    return sha256_bytes("".join(f"{p.name}:{sha256_file(p)}\n" for p in sorted(path.iterdir()) if p.is_file()).encode())
 
 
 def build_network(config: TrainConfig) -> Network:
