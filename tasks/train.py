@@ -11,7 +11,8 @@ from llama.errors import PipelineError
 from llama.train import checkpointing
 from llama.train.config import TrainConfig
 from llama.train.merge import merge as merge_checkpoints
-from llama.train.trainer import METRICS_FILE, RESULT_FILE, train as train_model
+from llama.train.run_folder import METRICS_FILE, RESULT_FILE
+from llama.train.trainer import train as train_model
 from llama.weights.source import verify_folder
 from tasks.cache import CachedStage, verified_by
 from tasks.runtime import one_model

@@ -8,7 +8,8 @@ from llama.eval.loading import load_model
 from llama.eval.perplexity import TokenNLL, evaluate_perplexity, mindformers_perplexity
 from llama.train import checkpointing
 from llama.train.config import TrainConfig
-from llama.train.trainer import build_network, train
+from llama.train.network import build_network
+from llama.train.trainer import train
 from train_support import tiny_config
 
 pytestmark = pytest.mark.slow

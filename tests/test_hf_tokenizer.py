@@ -267,7 +267,7 @@ def test_predict_and_eval_take_the_checkpoints_tokenizer_json(bpe_checkpoint, fi
 def test_training_leaves_out_the_pad_id_of_its_records(bpe768, fixtures, tmp_path):
     """Rows padded by a tokenizer with its own pad token (id 768): the loss mask takes the records' pad id."""
     from llama.train.config import TrainConfig
-    from llama.train.trainer import load_batches
+    from llama.train.batches import load_batches
     from train_support import tiny_config
 
     folder = _variant(bpe768, tmp_path, {"pad_token": "<|pad|>"})

@@ -34,7 +34,7 @@ def lora_run(alpaca_records, base_checkpoint, tmp_path_factory):
 def test_lora_merge_gives_the_logits_of_base_plus_adapter(lora_run, tmp_path):
     import mindspore as ms
     from llama.weights.load import load_checkpoint
-    from llama.train.trainer import build_network
+    from llama.train.network import build_network
 
     run, config = lora_run
     adapter = checkpointing.load_tensors(run / "rank_0/step_00000003/weights.ckpt")

@@ -12,7 +12,8 @@ from llama.device import compute_dtype_here
 from llama.errors import PipelineError
 from llama.train.config import TrainConfig
 from llama.train.merge import merge
-from llama.train.trainer import build_network, train
+from llama.train.network import build_network
+from llama.train.trainer import train
 from llama.weights.mindspore_ckpt import read_ckpt_index
 from llama.weights.source import open_checkpoint
 from llama.weights.writer import write_checkpoint

@@ -8,7 +8,8 @@ import pytest
 
 from llama.errors import PipelineError
 from llama.train.config import TrainConfig, load_train_config
-from llama.train.trainer import learning_rate, train
+from llama.train.schedule import learning_rate
+from llama.train.trainer import train
 from train_support import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,7 +146,8 @@ def test_a_loss_over_scored_positions_only_equals_the_full_loss_and_its_gradient
 
 def _changed_params(config: dict, records) -> tuple[set, set]:
     """Run two optimizer steps directly; return (names that changed, names that train)."""
-    from llama.train.trainer import build_network, load_batches
+    from llama.train.batches import load_batches
+    from llama.train.network import build_network
     from llama.train.step import Stepper
     from llama.train.dropout import set_dropout_key
 

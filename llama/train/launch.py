@@ -18,10 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+from llama.data.records import verify
 from llama.errors import PipelineError
 from llama.fileio import read_json
 from llama.progress import Progress
+from llama.train.batches import count_steps
 from llama.train.config import TrainConfig
+from llama.train.run_folder import CONFIG_FILE, METRICS_FILE, RESULT_FILE, prepare_output
+from llama.train.worker import run_worker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 POLL_SECONDS = 0.5
@@ -34,9 +38,6 @@ def _free_port() -> int:
 
 
 def run_data_parallel(config: TrainConfig, output_dir, resume: bool, on_step=None) -> dict:
-    from llama.data.records import verify
-    from llama.train.trainer import METRICS_FILE, RESULT_FILE, count_steps, prepare_output
-
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     start_step = prepare_output(config, output_dir, resume)
@@ -89,8 +90,6 @@ def _worker_error(log_dir: Path) -> str:
 
 def main(argv=None) -> int:
     """A worker's entry point: the config and start step come from the launcher's records."""
-    from llama.train.trainer import CONFIG_FILE, run_worker
-
     parser = argparse.ArgumentParser(description="one data-parallel training worker (started by msrun)")
     parser.add_argument("--output-dir", required=True, type=Path)
     parser.add_argument("--start-step", required=True, type=int)
