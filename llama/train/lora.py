@@ -12,16 +12,14 @@ import math
 import re
 
 import mindspore as ms
-import numpy as np
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import HeUniform, Zero, initializer
 
 from llama.errors import PipelineError
 from llama.model import Linear
-from llama.weights.entry import Entry
+from llama.weights.names import LORA_A, LORA_B
 from llama.train.dropout import KeyedDropout
 
-LORA_A, LORA_B = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
 
 
 class LoRALinear(nn.Cell):
@@ -77,35 +75,3 @@ def rename_parameters(net: nn.Cell) -> None:
     """Set each parameter's name to its path in the cell tree (what checkpoints use)."""
     for path, param in net.parameters_and_names():
         param.name = path
-
-
-def merge_lora_entries(weights: dict[str, Entry], adapter: dict, alpha: float, rank: int
-                       ) -> tuple[dict[str, Entry], list[str]]:
-    """`weights` (a checkpoint's tensors, read when asked) with W + (B @ A) * alpha / rank, in float32 and then
-    W's dtype, for every adapter pair; and the merged weight names. Nothing is read here: a merge written
-    tensor by tensor holds one base weight at a time, not the whole base model.
-
-    `adapter` maps `<module>.mindpet_delta_lora_a/_b` to numpy arrays.
-    """
-    merged, names = dict(weights), []
-    for name in sorted(adapter):
-        if not name.endswith("." + LORA_A):
-            continue
-        module = name[: -len(LORA_A) - 1]
-        b_name, w_name = f"{module}.{LORA_B}", f"{module}.weight"
-        if b_name not in adapter or w_name not in weights:
-            raise PipelineError(f"adapter pair {module} has no {'B matrix' if b_name not in adapter else 'base weight'}")
-        base, delta_shape = weights[w_name], (adapter[b_name].shape[0], adapter[name].shape[1])
-        if delta_shape != base.shape:
-            raise PipelineError(f"adapter {module}: B@A is {delta_shape}, the base weight is {base.shape}")
-
-        def read(base=base, a=adapter[name], b=adapter[b_name]) -> np.ndarray:
-            weight = base.read()
-            delta = b.astype(np.float32) @ a.astype(np.float32) * (alpha / rank)
-            return (weight.astype(np.float32) + delta).astype(weight.dtype)
-
-        merged[w_name] = Entry(base.shape, base.dtype, read)
-        names.append(w_name)
-    if not names:
-        raise PipelineError("the adapter holds no LoRA pairs")
-    return merged, names

@@ -20,9 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
+from llama.config import ModelConfig
 from llama.errors import PipelineError
 from llama.fileio import MANIFEST, check_output_free, read_json
 from llama.train import checkpointing
+from llama.train.adapter import check_base
+from llama.weights.entry import Entry
+from llama.weights.mindspore_ckpt import read_ckpt_index
+from llama.weights.names import LORA_A, LORA_B
+from llama.weights.source import entries_source, open_checkpoint
+from llama.weights.writer import write_checkpoint
 
 
 def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | None = None, fmt: str = "ckpt",
@@ -34,14 +41,6 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
     `model_config` (a ModelConfig or what `ModelConfig.load` takes) is needed only for sliced checkpoints,
     which carry none.
     """
-    from llama.weights.load import save_checkpoint
-    from llama.weights.mindspore_ckpt import read_ckpt_index
-    from llama.weights.source import open_checkpoint
-    from llama.weights.writer import write_checkpoint
-    from llama.config import ModelConfig
-    from llama.train.adapter import check_base
-    from llama.train.lora import merge_lora_entries
-
     check_output_free(output, overwrite)
     run_dir = Path(run_dir)
     if strategy is not None:
@@ -88,10 +87,43 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike, step: int | Non
         summary["base"] = str(base)
         if tokenizer is None and source.tokenizer is not None:
             tokenizer = source.tokenizer      # the merged model reads text as its base did
-    manifest = save_checkpoint(tensors, output, config, fmt=fmt, tokenizer=tokenizer,
-                               dtype=dtype or config.param_dtype, overwrite=overwrite)
+    # non-finite weights (a diverged run being merged) are written as they are, with a warning naming them
+    manifest = write_checkpoint(entries_source(tensors, config), output, fmt, dtype or config.param_dtype,
+                                tokenizer, overwrite, progress=False, allow_nonfinite=True)
     summary["tensors"] = manifest["tensors"]
     return summary
+
+
+def merge_lora_entries(weights: dict[str, Entry], adapter: dict, alpha: float, rank: int
+                       ) -> tuple[dict[str, Entry], list[str]]:
+    """`weights` (a checkpoint's tensors, read when asked) with W + (B @ A) * alpha / rank, in float32 and then
+    W's dtype, for every adapter pair; and the merged weight names. Nothing is read here: a merge written
+    tensor by tensor holds one base weight at a time, not the whole base model.
+
+    `adapter` maps `<module>.mindpet_delta_lora_a/_b` to numpy arrays.
+    """
+    merged, names = dict(weights), []
+    for name in sorted(adapter):
+        if not name.endswith("." + LORA_A):
+            continue
+        module = name[: -len(LORA_A) - 1]
+        b_name, w_name = f"{module}.{LORA_B}", f"{module}.weight"
+        if b_name not in adapter or w_name not in weights:
+            raise PipelineError(f"adapter pair {module} has no {'B matrix' if b_name not in adapter else 'base weight'}")
+        base, delta_shape = weights[w_name], (adapter[b_name].shape[0], adapter[name].shape[1])
+        if delta_shape != base.shape:
+            raise PipelineError(f"adapter {module}: B@A is {delta_shape}, the base weight is {base.shape}")
+
+        def read(base=base, a=adapter[name], b=adapter[b_name]) -> np.ndarray:
+            weight = base.read()
+            delta = b.astype(np.float32) @ a.astype(np.float32) * (alpha / rank)
+            return (weight.astype(np.float32) + delta).astype(weight.dtype)
+
+        merged[w_name] = Entry(base.shape, base.dtype, read)
+        names.append(w_name)
+    if not names:
+        raise PipelineError("the adapter holds no LoRA pairs")
+    return merged, names
 
 
 def _verified_step(folder: Path, step: int, steps: list[int]) -> dict:

@@ -5,7 +5,6 @@ The only module of the package that uses MindSpore and llama.model.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -17,8 +16,8 @@ from llama.device import compute_dtype_here
 from llama.errors import PipelineError
 from llama.model import ZEROS, LlamaForCausalLM, checkpoint_layout, transposed_in_model
 from llama.weights.entry import Entry
-from llama.weights.names import MS_TYPES, NP_DTYPES, expected_shapes
-from llama.weights.source import Source, check_tensors, open_checkpoint
+from llama.weights.names import MS_TYPES, NP_DTYPES
+from llama.weights.source import Source, entries_source, open_checkpoint
 from llama.weights.writer import write_checkpoint
 
 
@@ -47,8 +46,7 @@ def params_source(model_or_params, config: ModelConfig) -> Source:
             if transposed_in_model(name):
                 entries[name] = Entry(entry.shape[::-1], entry.dtype,
                                       lambda n=name, e=entry: checkpoint_layout(n, e.read()))
-    check_tensors(entries, config, "model")
-    return Source(Path("<memory>"), "mindspore", {n: entries[n] for n in expected_shapes(config)}, config)
+    return entries_source(entries, config)
 
 
 def save_checkpoint(model_or_params, out_dir: str | os.PathLike, config: ModelConfig, fmt: str = "ckpt",

@@ -45,6 +45,9 @@ META_GLOBAL = {"tok_embeddings.weight": "model.tok_embeddings.embedding_weight",
 IGNORED = re.compile(r"(.*rotary_emb\.inv_freq|rope\.freqs|adam_[mv]\..*|accu_grads\..*|global_step|"
                      r"scale_sense|epoch_num|step_num|loss_scale|current_iterator_step|last_overflow_iterator_step)$")
 LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# A LoRA adapter's matrices, as MindFormers' pet LoRA names them: `<module>.mindpet_delta_lora_a` [rank, in]
+# and `<module>.mindpet_delta_lora_b` [out, rank], beside the module's `weight`.
+LORA_A, LORA_B = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

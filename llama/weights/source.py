@@ -139,6 +139,13 @@ def _is_zip(path: Path) -> bool:
         return handle.read(4) == b"PK\x03\x04"
 
 
+def entries_source(entries: dict[str, Entry], config: ModelConfig) -> Source:
+    """A Source over tensors already in the checkpoint layout (a merge's, read one at a time as written),
+    checked against `config` and ordered as the model lists them."""
+    check_tensors(entries, config, "model")
+    return Source(Path("<memory>"), "mindspore", {name: entries[name] for name in expected_shapes(config)}, config)
+
+
 def check_tensors(entries: dict[str, Entry], config: ModelConfig, path: Path | str) -> None:
     """One error naming every missing, unexpected and misshaped tensor, with the shape the config expects."""
     expected = expected_shapes(config)
