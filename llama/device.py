@@ -29,6 +29,11 @@ def compute_dtype_here(dtype: str, setting: str | None = None) -> str:
 GRAPH_EXTRA_PER_WEIGHT_BYTE = 1.8
 
 
+def graph_copy_fits(weight_bytes: float, memory: float) -> bool:
+    """Whether CPU graphs' copy of `weight_bytes` of weights fits in `memory` (with a 10% margin)."""
+    return weight_bytes * GRAPH_EXTRA_PER_WEIGHT_BYTE < 0.9 * memory
+
+
 def graphs_fit(model) -> bool:
     """Whether compiled graphs of `model` fit: their copy of its weights in the memory available now (always,
     off the CPU backend). Warns, once per call, when they do not: the model then runs eagerly."""
@@ -37,9 +42,10 @@ def graphs_fit(model) -> bool:
     import mindspore as ms
     import psutil
 
-    extra = sum(p.nbytes for p in model.get_parameters()) * GRAPH_EXTRA_PER_WEIGHT_BYTE
-    if ms.get_context("device_target") != "CPU" or extra < 0.9 * psutil.virtual_memory().available:
+    weight_bytes = sum(p.nbytes for p in model.get_parameters())
+    if ms.get_context("device_target") != "CPU" or graph_copy_fits(weight_bytes, psutil.virtual_memory().available):
         return True
+    extra = weight_bytes * GRAPH_EXTRA_PER_WEIGHT_BYTE
     print(f"warning: running eagerly: a compiled graph would need about {extra / 2 ** 30:.1f} GiB more for its "
           f"copy of the weights than this machine has free", file=sys.stderr)
     return False

@@ -98,7 +98,8 @@ def test_finetuning_reads_labels(alpaca_records, wiki_records, base_checkpoint, 
 
 
 def test_scored_positions_only_when_the_loss_counts_at_most_half_of_a_row():
-    from llama.train.step import IGNORE_ID, scored_positions
+    from llama.data.records import IGNORE_ID
+    from llama.train.batches import scored_positions
 
     ids = np.ones((3, 65), np.int32)
     labels = np.full((3, 65), IGNORE_ID, np.int32)
@@ -120,7 +121,9 @@ def test_a_loss_over_scored_positions_only_equals_the_full_loss_and_its_gradient
     from llama.config import ModelConfig
     from llama.model import LlamaForCausalLM
     from llama.train.prefix import PrefixTunedLM
-    from llama.train.step import IGNORE_ID, CausalLMLoss, _Gradients, scored_positions
+    from llama.data.records import IGNORE_ID
+    from llama.train.batches import scored_positions
+    from llama.train.step import CausalLMLoss, _Gradients
 
     ms.set_seed(0)
     config = ModelConfig.named("tiny")

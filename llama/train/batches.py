@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llama.data.records import check_labelled, read_columns, verify
+from llama.data.records import IGNORE_ID, check_labelled, read_columns, verify
 from llama.errors import PipelineError
 from llama.fileio import sha256_bytes
 from llama.train.config import TrainConfig
@@ -75,3 +75,13 @@ def count_steps(config: TrainConfig, rows: int) -> int:
         config.parallel.data_parallel
     total = rows // global_batch * config.training.epochs
     return min(total, config.training.max_steps) if config.training.max_steps else total
+
+
+def scored_positions(input_ids: np.ndarray, labels: np.ndarray | None, pad_token_id: int) -> int | None:
+    """The most positions any row's loss counts (CausalLMLoss's mask), rounded up to a multiple of 8, when that
+    is at most half the row: finetuning rows of prompt + short answer. None otherwise (pretraining)."""
+    if labels is None:
+        return None
+    counted = ((input_ids[:, :-1] != pad_token_id) & (labels[:, 1:] != IGNORE_ID)).sum(1).max()
+    most = max(8, -(-int(counted) // 8) * 8)
+    return most if 2 * most <= input_ids.shape[1] - 1 else None

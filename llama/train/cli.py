@@ -18,7 +18,8 @@ def _train(args) -> dict:
 def _plan(args) -> dict:
     from llama.train.config import load_train_config
     from llama.errors import PipelineError
-    from llama.train.plan import device_memory, model_config_of, parse_size, plan_memory, seq_length_of
+    from llama.train.plan import (device_memory, logit_positions_of, model_config_of, parse_size, plan_memory,
+                                  seq_length_of)
 
     config = load_train_config(args.config, args.overrides)
     model = model_config_of(config)
@@ -26,7 +27,10 @@ def _plan(args) -> dict:
         raise PipelineError("plan: the recipe names no model config and its checkpoint carries none; "
                             "set model.config")
     memory = parse_size(args.device_memory) if args.device_memory else device_memory()
-    plan = plan_memory(config, args.seq_length or seq_length_of(config, model), model, recompute=args.recompute)
+    # the rows' scored positions hold for their own length, not for a --seq-length asked instead
+    plan = plan_memory(config, args.seq_length or seq_length_of(config, model), model, recompute=args.recompute,
+                       logit_positions=None if args.seq_length else logit_positions_of(config),
+                       cpu_memory=None if args.device_memory else memory)
     fits = plan.fits(memory)
     result = {**plan.rows(), "device_memory_gib": round(memory / (1 << 30), 2), "fits": fits}
     if not fits:

@@ -16,7 +16,10 @@ Per device, for the recipe's data x model x pipeline parallel layout (the worst 
 - logits: float32 [tokens, vocab] tensors of the loss: the logits and log-probabilities of the forward (which
   the training step runs for the loss value and again inside the gradient pass) and their gradients; five are
   alive at the peak, as measured here;
-- runtime: the framework's own resident memory (interpreter, MindSpore, compiled graphs), measured here.
+- runtime: the framework's own resident memory (interpreter, MindSpore, compiled graphs), measured here;
+- dropout hashes, planning for this machine's CPU backend when the step runs compiled (llama.device): each LoRA
+  dropout site's graph keeps the integer hash of every element it draws for (llama.train.dropout), measured here
+  at about DROPOUT_BYTES_PER_ELEMENT bytes per element; an eager step frees them as it goes.
 
 Model parallelism divides the matmul weights, their activations and the vocabulary by `model_parallel`;
 data parallelism replicates everything (no optimizer sharding is configured in these recipes).
@@ -32,6 +35,9 @@ from pathlib import Path
 from llama.config import ModelConfig
 from llama.errors import PipelineError
 from llama.fileio import MANIFEST, read_json
+from llama.data.records import PARQUET
+from llama.device import graph_copy_fits
+from llama.train.batches import scored_positions
 from llama.train.config import TrainConfig
 from llama.weights.names import MODEL_CONFIG, expected_shapes
 
@@ -41,6 +47,8 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # libraries and runtime, the compiled graphs of a tiny model, measured here from `train` of the tiny recipes.
 RUNTIME_BYTES = int(0.55 * GiB)
 LOGIT_TENSORS = 5
+# tiny_lora (8 sites of [1536, 256], 4 rows of 384 tokens): peak 1.28 GB without dropout, 1.51 GB with it
+DROPOUT_BYTES_PER_ELEMENT = 72
 MATMUL = re.compile(r"\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
 
 
@@ -105,8 +113,13 @@ def layer_activation_bytes(model: ModelConfig, rows: int, seq: int, compute_byte
     return replicated + (sharded + scores) // model_parallel
 
 
-def plan_memory(config: TrainConfig, seq_length: int, model: ModelConfig, recompute: bool = False, runtime_bytes: int = RUNTIME_BYTES) -> MemoryPlan:
-    """The per-device memory plan of `config` over rows of `seq_length` tokens."""
+def plan_memory(config: TrainConfig, seq_length: int, model: ModelConfig, recompute: bool = False,
+                runtime_bytes: int = RUNTIME_BYTES, logit_positions: int | None = None,
+                cpu_memory: int | None = None) -> MemoryPlan:
+    """The per-device memory plan of `config` over rows of `seq_length` tokens, of which the loss computes
+    logits at `logit_positions` per row (default: all; `logit_positions_of` reads them from the rows).
+    `cpu_memory`: plan for MindSpore's CPU backend on a machine of that much memory (this one), with the terms
+    of its compiled graphs where they fit."""
     if seq_length < 1:
         raise PipelineError(f"plan: seq_length must be positive, not {seq_length}")
     dp, mp, pp = config.parallel.data_parallel, config.parallel.model_parallel, config.parallel.pipeline_stage
@@ -141,14 +154,18 @@ def plan_memory(config: TrainConfig, seq_length: int, model: ModelConfig, recomp
     activations = per_layer * layers // pp * in_flight
     layer_inputs = rows * seq_length * model.hidden_size * compute_bytes
     recomputed = (layer_inputs * layers // pp) * in_flight + per_layer
-    logits = LOGIT_TENSORS * rows * seq_length * model.vocab_size * 4 // mp
+    logits = LOGIT_TENSORS * rows * (logit_positions or seq_length) * model.vocab_size * 4 // mp
+    compiled_on_cpu = cpu_memory is not None and graph_copy_fits(weights, cpu_memory)
+    dropout_sites = config.pet.type == "lora" and config.pet.lora_dropout > 0 and compiled_on_cpu
+    dropout_hashes = DROPOUT_BYTES_PER_ELEMENT * rows * seq_length * lora_inputs * layers if dropout_sites else 0
     terms = {
         "weights": int(weights), "weight_casts": int(cast_copies),
         "gradients": int(trainable_elements * 4), "optimizer_states": int(trainable_elements * 8),
-        "activations": int(activations), "logits": int(logits), "runtime": int(runtime_bytes),
+        "activations": int(activations), "logits": int(logits), "dropout_hashes": int(dropout_hashes),
+        "runtime": int(runtime_bytes),
     }
     devices = {"data_parallel": dp, "model_parallel": mp, "pipeline_stage": pp, "devices": dp * mp * pp,
-               "seq_length": seq_length, "micro_batch_rows": rows, "compute_dtype": compute,
+               "seq_length": seq_length, "logit_positions": logit_positions or seq_length, "micro_batch_rows": rows, "compute_dtype": compute,
                "param_dtype": model.param_dtype, "trainable_parameters": int(sum(trainable.values())),
                "parameters": int(sum(_size(s) for s in shapes.values()))}
     return MemoryPlan(terms, int(recomputed), devices, recompute)
@@ -166,6 +183,7 @@ def refuse_if_too_big(plan: MemoryPlan, device_memory: int, where: str) -> None:
         "optimizer_states": "train fewer parameters (LoRA, prefix) or split the model (model_parallel)",
         "activations": "lower data.batch_size or the sequence length, or add model_parallel",
         "logits": "lower data.batch_size or the sequence length",
+        "dropout_hashes": "lower pet.lora_dropout to 0, data.batch_size or the sequence length",
         "runtime": "free memory on the device",
     }[term]
     raise PipelineError(f"{where}: needs {plan.total / GiB:.1f} GiB per device but the device has "
@@ -202,13 +220,33 @@ def seq_length_of(config: TrainConfig, model: ModelConfig) -> int:
     return model.max_position_embeddings
 
 
+def logit_positions_of(config: TrainConfig) -> int | None:
+    """Positions per row the loss computes logits at, when fewer than the row (finetuning rows of a prompt and a
+    short answer: llama.train.batches.scored_positions), read from data.train's rows.parquet; None otherwise."""
+    if config.run_mode != "finetune" or not config.data.train:
+        return None
+    folder = Path(config.data.train)
+    if not (folder / PARQUET).is_file():
+        return None
+    import pyarrow.parquet as pq   # only here: `plan --help` and pretraining recipes do without it
+
+    if "labels" not in pq.read_schema(folder / PARQUET).names:
+        return None      # train refuses such rows for finetuning, with its own error
+    table = pq.read_table(folder / PARQUET, columns=["input_ids", "labels"])
+    rows = {name: table.column(name).combine_chunks() for name in ("input_ids", "labels")}
+    arrays = {name: column.flatten().to_numpy().reshape(len(column), -1) for name, column in rows.items()}
+    pad_id = read_json(folder / MANIFEST, "records manifest")["tokenizer"]["pad_id"]
+    return scored_positions(arrays["input_ids"], arrays["labels"], pad_id)
+
+
 def check_fits(config: TrainConfig) -> None:
     """`train`'s check before it loads or compiles anything: refuse a recipe whose plan exceeds this machine's
     memory, shared by the data-parallel workers msrun starts on it."""
     model = model_config_of(config)
     if model is None:
         return
-    plan = plan_memory(config, seq_length_of(config, model), model)
+    plan = plan_memory(config, seq_length_of(config, model), model, logit_positions=logit_positions_of(config),
+                       cpu_memory=device_memory())
     refuse_if_too_big(plan, device_memory() // config.parallel.data_parallel, "train")
 
 

@@ -15,23 +15,12 @@ lowers the scale); the host sees `finite` and decides.
 
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from llama.data.records import IGNORE_ID
 from llama.device import compiled_or_eager
 
-IGNORE_ID = -100
-
-
-def scored_positions(input_ids: np.ndarray, labels: np.ndarray | None, pad_token_id: int) -> int | None:
-    """The most positions any row's loss counts (CausalLMLoss's mask), rounded up to a multiple of 8, when that
-    is at most half the row: finetuning rows of prompt + short answer. None otherwise (pretraining)."""
-    if labels is None:
-        return None
-    counted = ((input_ids[:, :-1] != pad_token_id) & (labels[:, 1:] != IGNORE_ID)).sum(1).max()
-    most = max(8, -(-int(counted) // 8) * 8)
-    return most if 2 * most <= input_ids.shape[1] - 1 else None
 
 
 class CausalLMLoss(nn.Cell):
