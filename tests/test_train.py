@@ -200,3 +200,27 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(wiki_
     failed = int(str(error.value).split(" at step ")[1].split(";")[0])
     assert failed > 1 and f"step_{failed - 1:08d}" in str(error.value)
     assert sorted(p.name for p in (tmp_path / "run/rank_0").iterdir())[-1] == f"step_{failed - 1:08d}"
+
+
+@pytest.mark.slow
+def test_a_full_finetune_of_a_30_layer_model_compiles_and_trains():
+    """The optimizer's per-parameter update nests deeper than MindSpore's default call depth at 30 layers
+    (SmolLM2-135M's depth): its compile failed with "Exceed function call depth limit 1000"."""
+    import types
+
+    import mindspore as ms
+    from llama.config import ModelConfig
+    from llama.model import LlamaForCausalLM
+    from llama.train.step import Stepper
+
+    ms.set_seed(0)
+    config = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=30, num_heads=4,
+                         num_kv_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config)
+    model.set_train(True)
+    optimizer = types.SimpleNamespace(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    stepper = Stepper(model, 0, optimizer, 1.0, 1, 1)
+    rows = np.random.default_rng(0).integers(1, 512, (2, 65)).astype(np.int32)
+    first, _, finite = stepper.step([(rows, rows)], 1e-3, 1.0)
+    second, _, _ = stepper.step([(rows, rows)], 1e-3, 1.0)
+    assert finite and np.isfinite(first) and second < first

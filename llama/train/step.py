@@ -167,12 +167,18 @@ class _LossMean(nn.Cell):
         return self.all_reduce(loss) / self.world_size
 
 
+CALL_DEPTH_PER_PARAMETER = 16
+
+
 class Stepper:
     """Runs one optimizer step over `accumulation` micro-batches; holds the optimizer state."""
 
     def __init__(self, net: nn.Cell, pad_token_id: int, optimizer, max_grad_norm: float | None,
                  accumulation: int, world_size: int, scored: int | None = None):
         params = ParameterTuple(net.trainable_params())
+        # MindSpore compiles Update's per-parameter loop inside `if finite` as nested calls, about three per
+        # parameter: a full finetune of a 30-layer model (272 parameters) exceeds its default depth of 1000
+        ms.set_recursion_limit(max(1000, CALL_DEPTH_PER_PARAMETER * len(params)))
         self.update = Update(params, optimizer.beta1, optimizer.beta2, optimizer.eps, optimizer.weight_decay,
                              max_grad_norm, world_size)
         gradients = _Gradients(CausalLMLoss(net, pad_token_id, scored), params)
