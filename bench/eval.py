@@ -45,6 +45,7 @@ def transformers_peer(config, rows: np.ndarray, prompts: dict[int, list[list[int
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf_config())).eval()
+    model = model.to(getattr(torch, config.compute_dtype))
     data = torch.from_numpy(rows.astype(np.int64))
 
     def perplexity():

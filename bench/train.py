@@ -18,6 +18,8 @@ import numpy as np
 
 from sidebyside import Work, compare, peer_installed, report
 
+LORA_RANK = 8
+
 
 def steps_work(step, rows: np.ndarray, steps: int) -> dict[str, Work]:
     """`steps` training steps as one timed run."""
@@ -28,29 +30,51 @@ def steps_work(step, rows: np.ndarray, steps: int) -> dict[str, Work]:
     return {"train step": (run, rows[:, 1:].size * steps)}
 
 
-def ours(rows: np.ndarray, steps: int) -> dict[str, Work]:
+def ours(rows: np.ndarray, steps: int, config=None, lora_targets: str | None = None,
+         layers_only: bool = False) -> dict[str, Work]:
+    """Our step on `config` (default: the tiny one); with `lora_targets` (e.g. "wq|wk|wv|wo") a rank-8 LoRA
+    step on a frozen base; with `layers_only`, the embeddings and output projection frozen."""
     import mindspore as ms
     from llama.config import ModelConfig
     from llama.model import LlamaForCausalLM
     from llama.train.config import OptimizerSection
+    from llama.train.lora import apply_lora
     from llama.train.step import Stepper
 
     ms.set_seed(0)
-    model = LlamaForCausalLM(ModelConfig.named("tiny"))
+    model = LlamaForCausalLM(config or ModelConfig.named("tiny"))
+    if lora_targets:
+        apply_lora(model, LORA_RANK, LORA_RANK, 0.0, lora_targets)
+    for name, param in model.parameters_and_names():
+        if layers_only and "layers." not in name:
+            param.requires_grad = False
     model.set_train(True)
     stepper = Stepper(model, 0, OptimizerSection(learning_rate=1e-4), 1.0, 1, 1)
     return steps_work(lambda: stepper.step([(rows, rows)], 1e-4, 1.0), rows, steps)
 
 
-def transformers_peer(rows: np.ndarray, steps: int) -> dict[str, Work]:
+def transformers_peer(rows: np.ndarray, steps: int, config=None, lora_targets: str | None = None,
+                      layers_only: bool = False) -> dict[str, Work]:
+    """The same step in transformers + torch.optim.AdamW; with `lora_targets`, through peft (the same rank,
+    on the matching q/k/v/o projections)."""
     import torch
     import transformers
     from llama.config import ModelConfig
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**ModelConfig.named("tiny").to_hf_config())
-    model = transformers.LlamaForCausalLM(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    hf_config = transformers.LlamaConfig(**(config or ModelConfig.named("tiny")).to_hf_config())
+    model = transformers.LlamaForCausalLM(hf_config).train()
+    if lora_targets:
+        import peft
+
+        names = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0,
+            target_modules=[names[name] for name in lora_targets.split("|")]))
+    for name, param in model.named_parameters():
+        if layers_only and ".layers." not in name:
+            param.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
     data = torch.from_numpy(rows.astype(np.int64))
 
     def step():

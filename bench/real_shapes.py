@@ -1,0 +1,126 @@
+"""Benchmark: speed at real model shapes beside PyTorch (random weights, so nothing is downloaded).
+
+    .venv/bin/python bench/real_shapes.py [--part 135m|7b-layer|compile|all] [--repeats 3]
+
+135m      SmolLM2-135M's shape (30 layers, hidden 576, FFN 1536, 9 query / 3 kv heads, vocab 49,152, tied
+          embeddings): a perplexity forward over 8 rows of 512 tokens, a full-finetune training step (batch
+          4 x 256, AdamW), a LoRA step (rank 8 on q/k/v/o; the peer is transformers + peft), and generation at
+          batch 1 and 8 (64 new tokens after a 128-token prompt).
+7b-layer  two decoder layers at Llama-2-7B's width (hidden 4096, FFN 11008, 32 heads, vocab 32000): a forward
+          over 512 tokens in float32 and float16; a training step (batch 1 x 512, float32) of one such layer
+          (embeddings and output projection frozen, so both sides fit in memory at once).
+compile   the first call of a perplexity forward (8 x 256) at hidden 576 with 2, 30 and 80 layers beside its
+          steady time: the difference is what compiling costs (PyTorch's eager first call is there for scale).
+
+Workloads run side by side, round by round (bench/sidebyside.py), and each ratio is the median of the
+per-round ratios, ours over PyTorch's; above 1 we are faster. Without torch and transformers only ours runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import eval as eval_bench
+import train as train_bench
+from sidebyside import compare, peer_installed, report
+
+REPO = Path(__file__).resolve().parent.parent
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                     num_kv_heads=3, rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=2048)
+LLAMA2_7B_WIDTH = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=2, num_heads=32,
+                       max_position_embeddings=4096)
+LORA_TARGETS = "wq|wk|wv|wo"
+
+
+def random_rows(vocab: int, rows: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, (rows, length), dtype=np.int32)
+
+
+def run_sides(title: str, ours: dict, peer, repeats: int) -> None:
+    """Time `ours` beside `peer()` (built only where PyTorch is installed) and print the report."""
+    print(title, flush=True)
+    sides = {"ours": ours}
+    if peer_installed():
+        sides["pytorch"] = peer()
+    report(compare(sides, repeats))
+
+
+def part_135m(repeats: int) -> None:
+    from llama.config import ModelConfig
+
+    config = ModelConfig(**SMOLLM2_SHAPE)
+    rows = random_rows(config.vocab_size, 8, 513)
+    prompts = {batch: random_rows(config.vocab_size, batch, 128, seed=batch).tolist() for batch in (1, 8)}
+    run_sides("135M shape: perplexity 8 x 512, generation batch 1 and 8 (128-token prompts, 64 new tokens)",
+              eval_bench.ours(config, rows, prompts, 64),
+              lambda: eval_bench.transformers_peer(config, rows, prompts, 64), repeats)
+    batch = random_rows(config.vocab_size, 4, 257)
+    for name, targets in (("full finetune step, batch 4 x 256", None), ("LoRA step, rank 8 on q/k/v/o", LORA_TARGETS)):
+        run_sides(f"135M shape: {name}", train_bench.ours(batch, 1, config, targets),
+                  lambda targets=targets: train_bench.transformers_peer(batch, 1, config, targets), repeats)
+
+
+def part_7b_layer(repeats: int) -> None:
+    from llama.config import ModelConfig
+
+    for dtype in ("float32", "float16"):
+        config = ModelConfig(**LLAMA2_7B_WIDTH, param_dtype=dtype, compute_dtype=dtype)
+        rows = random_rows(config.vocab_size, 1, 513)
+        run_sides(f"two Llama-2-7B-width layers, {dtype}: forward over 512 tokens",
+                  eval_bench.ours(config, rows, {}, 0),
+                  lambda config=config: eval_bench.transformers_peer(config, rows, {}, 0), repeats)
+    # one layer trained (embeddings and head frozen), so both sides' weights, gradients and AdamW states fit
+    config = ModelConfig(**{**LLAMA2_7B_WIDTH, "num_layers": 1})
+    batch = random_rows(config.vocab_size, 1, 513)
+    run_sides("one Llama-2-7B-width layer, float32: training step of the layer, batch 1 x 512",
+              train_bench.ours(batch, 1, config, layers_only=True),
+              lambda: train_bench.transformers_peer(batch, 1, config, layers_only=True), repeats)
+
+
+def part_compile() -> None:
+    """Seconds of the first and of a later forward, per depth; their difference is the compile."""
+    from llama.config import ModelConfig
+
+    print("compile: perplexity forward 8 x 256 at hidden 576 (first call, steady call, difference)", flush=True)
+    for depth in (2, 30, 80):
+        config = ModelConfig(**{**SMOLLM2_SHAPE, "num_layers": depth})
+        rows = random_rows(config.vocab_size, 8, 257)
+        works = {"ours": eval_bench.ours(config, rows, {}, 0)["perplexity"][0]}
+        if peer_installed():
+            works["pytorch"] = eval_bench.transformers_peer(config, rows, {}, 0)["perplexity"][0]
+        cells = []
+        for side, work in works.items():
+            seconds = []
+            for _ in range(3):
+                start = time.perf_counter()
+                work()
+                seconds.append(time.perf_counter() - start)
+            cells.append(f"{side} first {seconds[0]:6.1f} s, steady {seconds[-1]:5.1f} s, "
+                         f"first - steady {seconds[0] - seconds[-1]:5.1f} s")
+        print(f"  {depth:>2} layers: " + "   ".join(cells), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("135m", "7b-layer", "compile", "all"), default="all")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    if not peer_installed():
+        print("note: torch/transformers are not installed here: our side only")
+    if args.part in ("135m", "all"):
+        part_135m(args.repeats)
+    if args.part in ("7b-layer", "all"):
+        part_7b_layer(args.repeats)
+    if args.part in ("compile", "all"):
+        part_compile()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
