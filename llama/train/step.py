@@ -22,7 +22,6 @@ from llama.data.records import IGNORE_ID
 from llama.device import compiled_or_eager
 
 
-
 class CausalLMLoss(nn.Cell):
     """Rows of seq_length + 1 tokens: predict token t+1 from tokens <= t, as MindFormers' LlamaForCausalLM.
 
