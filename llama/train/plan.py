@@ -17,9 +17,11 @@ Per device, for the recipe's data x model x pipeline parallel layout (the worst 
   the training step runs for the loss value and again inside the gradient pass) and their gradients; five are
   alive at the peak, as measured here;
 - runtime: the framework's own resident memory (interpreter, MindSpore, compiled graphs), measured here;
-- dropout hashes, planning for this machine's CPU backend when the step runs compiled (llama.device): each LoRA
-  dropout site's graph keeps the integer hash of every element it draws for (llama.train.dropout), measured here
-  at about DROPOUT_BYTES_PER_ELEMENT bytes per element; an eager step frees them as it goes.
+- planning for this machine's CPU backend when the step runs compiled (llama.device), two more terms: the
+  graph's copy of the frozen weights (LoRA and prefix tuning; llama.device.GRAPH_EXTRA_PER_WEIGHT_BYTE, while
+  trained weights are updated in place), and the dropout hashes: each LoRA dropout site's graph keeps the
+  integer hash of every element it draws for (llama.train.dropout), measured here at about
+  DROPOUT_BYTES_PER_ELEMENT bytes per element; an eager step holds neither.
 
 Model parallelism divides the matmul weights, their activations and the vocabulary by `model_parallel`;
 data parallelism replicates everything (no optimizer sharding is configured in these recipes).
@@ -36,7 +38,7 @@ from llama.config import ModelConfig
 from llama.errors import PipelineError
 from llama.fileio import MANIFEST, read_json
 from llama.data.records import PARQUET
-from llama.device import graph_copy_fits
+from llama.device import GRAPH_EXTRA_PER_WEIGHT_BYTE, graph_copy_fits
 from llama.train.batches import scored_positions
 from llama.train.config import TrainConfig
 from llama.weights.names import MODEL_CONFIG, expected_shapes
@@ -44,8 +46,8 @@ from llama.weights.names import MODEL_CONFIG, expected_shapes
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Resident memory of a MindSpore CPU training process before its model counts: interpreter, MindSpore's
-# libraries and runtime, the compiled graphs of a tiny model, measured here from `train` of the tiny recipes.
-RUNTIME_BYTES = int(0.55 * GiB)
+# libraries and runtime, the compiled graphs of a tiny model, measured here from `train` of tiny_pretrain.
+RUNTIME_BYTES = int(0.50 * GiB)
 LOGIT_TENSORS = 5
 # tiny_lora (8 sites of [1536, 256], 4 rows of 384 tokens): peak 1.28 GB without dropout, 1.51 GB with it
 DROPOUT_BYTES_PER_ELEMENT = 72
@@ -158,14 +160,17 @@ def plan_memory(config: TrainConfig, seq_length: int, model: ModelConfig, recomp
     compiled_on_cpu = cpu_memory is not None and graph_copy_fits(weights, cpu_memory)
     dropout_sites = config.pet.type == "lora" and config.pet.lora_dropout > 0 and compiled_on_cpu
     dropout_hashes = DROPOUT_BYTES_PER_ELEMENT * rows * seq_length * lora_inputs * layers if dropout_sites else 0
+    frozen_graph_copy = base_elements * stored * GRAPH_EXTRA_PER_WEIGHT_BYTE if compiled_on_cpu and not full else 0
     terms = {
         "weights": int(weights), "weight_casts": int(cast_copies),
         "gradients": int(trainable_elements * 4), "optimizer_states": int(trainable_elements * 8),
-        "activations": int(activations), "logits": int(logits), "dropout_hashes": int(dropout_hashes),
+        "activations": int(activations), "logits": int(logits), "frozen_graph_copy": int(frozen_graph_copy),
+        "dropout_hashes": int(dropout_hashes),
         "runtime": int(runtime_bytes),
     }
     devices = {"data_parallel": dp, "model_parallel": mp, "pipeline_stage": pp, "devices": dp * mp * pp,
-               "seq_length": seq_length, "logit_positions": logit_positions or seq_length, "micro_batch_rows": rows, "compute_dtype": compute,
+               "seq_length": seq_length, "logit_positions": logit_positions or seq_length, "micro_batch_rows": rows,
+               "compute_dtype": compute,
                "param_dtype": model.param_dtype, "trainable_parameters": int(sum(trainable.values())),
                "parameters": int(sum(_size(s) for s in shapes.values()))}
     return MemoryPlan(terms, int(recomputed), devices, recompute)
@@ -183,6 +188,7 @@ def refuse_if_too_big(plan: MemoryPlan, device_memory: int, where: str) -> None:
         "optimizer_states": "train fewer parameters (LoRA, prefix) or split the model (model_parallel)",
         "activations": "lower data.batch_size or the sequence length, or add model_parallel",
         "logits": "lower data.batch_size or the sequence length",
+        "frozen_graph_copy": "store the frozen weights in float16",
         "dropout_hashes": "lower pet.lora_dropout to 0, data.batch_size or the sequence length",
         "runtime": "free memory on the device",
     }[term]
