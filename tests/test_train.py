@@ -204,8 +204,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(wiki_
 
 @pytest.mark.slow
 def test_a_full_finetune_of_a_30_layer_model_compiles_and_trains():
-    """The optimizer's per-parameter update nests deeper than MindSpore's default call depth at 30 layers
-    (SmolLM2-135M's depth): its compile failed with "Exceed function call depth limit 1000"."""
+    """A per-parameter update loop inside `if finite` compiled to calls nested past MindSpore's default call
+    depth at 30 layers (SmolLM2-135M's depth): "Exceed function call depth limit 1000". At the default limit."""
     import types
 
     import mindspore as ms
@@ -214,6 +214,7 @@ def test_a_full_finetune_of_a_30_layer_model_compiles_and_trains():
     from llama.train.step import Stepper
 
     ms.set_seed(0)
+    assert ms.get_context("max_call_depth") == 1000
     config = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=30, num_heads=4,
                          num_kv_heads=2, max_position_embeddings=256)
     model = LlamaForCausalLM(config)

@@ -58,6 +58,16 @@ class CausalLMLoss(nn.Cell):
         return -(picked * mask.reshape(-1)).sum() / count
 
 
+_adamw_update = ops.MultitypeFuncGraph("adamw_update")
+
+
+@_adamw_update.register("Function", "Tensor", "Number", "Number", "Number", "Tensor",
+                        "Tensor", "Tensor", "Tensor", "Number", "Tensor")
+def _adamw_update_one(fused_adamw, lr, beta1, beta2, eps, factor, param, moment1, moment2, decay, grad):
+    """One parameter's fused AdamW step on its unscaled, clipped gradient."""
+    return fused_adamw(param, moment1, moment2, lr, beta1, beta2, eps, decay, grad * factor)
+
+
 class Update(nn.Cell):
     """Average gradients over workers, unscale, clip by global norm and apply AdamW when all are finite."""
 
@@ -76,6 +86,7 @@ class Update(nn.Cell):
         self.world_size = world_size
         self.all_reduce = ops.AllReduce() if world_size > 1 else None
         self.fused_adamw = ops.AdamWeightDecay()
+        self.hyper_map = ops.HyperMap()
 
     def construct(self, grads, lr, divisor):
         """`divisor` = loss scale x micro-batches; returns (global grad norm, finite)."""
@@ -94,9 +105,10 @@ class Update(nn.Cell):
             if self.max_grad_norm is not None:
                 clip = ops.minimum(clip, self.max_grad_norm / (norm + 1e-6))
             factor = clip / divisor
-            for i in range(len(grads)):
-                self.fused_adamw(self.params[i], self.moment1[i], self.moment2[i], lr, self.beta1, self.beta2,
-                                 self.eps, self.decay[i], grads[i] * factor)
+            # one HyperMap, not a loop: a loop inside `if` compiles to calls nested per parameter, past
+            # MindSpore's call-depth limit for a 30-layer full finetune
+            self.hyper_map(ops.partial(_adamw_update, self.fused_adamw, lr, self.beta1, self.beta2, self.eps, factor),
+                           self.params, self.moment1, self.moment2, self.decay, grads)
         return norm, finite
 
 
@@ -166,18 +178,12 @@ class _LossMean(nn.Cell):
         return self.all_reduce(loss) / self.world_size
 
 
-CALL_DEPTH_PER_PARAMETER = 16
-
-
 class Stepper:
     """Runs one optimizer step over `accumulation` micro-batches; holds the optimizer state."""
 
     def __init__(self, net: nn.Cell, pad_token_id: int, optimizer, max_grad_norm: float | None,
                  accumulation: int, world_size: int, scored: int | None = None):
         params = ParameterTuple(net.trainable_params())
-        # MindSpore compiles Update's per-parameter loop inside `if finite` as nested calls, about three per
-        # parameter: a full finetune of a 30-layer model (272 parameters) exceeds its default depth of 1000
-        ms.set_recursion_limit(max(1000, CALL_DEPTH_PER_PARAMETER * len(params)))
         self.update = Update(params, optimizer.beta1, optimizer.beta2, optimizer.eps, optimizer.weight_decay,
                              max_grad_norm, world_size)
         gradients = _Gradients(CausalLMLoss(net, pad_token_id, scored), params)
