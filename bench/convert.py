@@ -25,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llama.config import ModelConfig  # noqa: E402
+from llama.config.model import ModelConfig  # noqa: E402
 from llama.weights.names import ms_to_hf_name, expected_shapes  # noqa: E402
 
 CONVERT = "import sys; from llama.cli import run; sys.exit(run(sys.argv[1:]))"

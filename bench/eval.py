@@ -72,7 +72,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from llama.config import ModelConfig
+    from llama.config.model import ModelConfig
 
     config = ModelConfig.named("tiny")
     rng = np.random.default_rng(0)

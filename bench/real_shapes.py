@@ -51,7 +51,7 @@ def run_sides(title: str, ours: dict, peer, repeats: int) -> None:
 
 
 def part_135m(repeats: int) -> None:
-    from llama.config import ModelConfig
+    from llama.config.model import ModelConfig
 
     config = ModelConfig(**SMOLLM2_SHAPE)
     rows = random_rows(config.vocab_size, 8, 513)
@@ -66,7 +66,7 @@ def part_135m(repeats: int) -> None:
 
 
 def part_7b_layer(repeats: int) -> None:
-    from llama.config import ModelConfig
+    from llama.config.model import ModelConfig
 
     for dtype in ("float32", "float16"):
         config = ModelConfig(**LLAMA2_7B_WIDTH, param_dtype=dtype, compute_dtype=dtype)
@@ -84,7 +84,7 @@ def part_7b_layer(repeats: int) -> None:
 
 def part_compile() -> None:
     """Seconds of the first and of a later forward, per depth; their difference is the compile."""
-    from llama.config import ModelConfig
+    from llama.config.model import ModelConfig
 
     print("compile: perplexity forward 8 x 256 at hidden 576 (first call, steady call, difference)", flush=True)
     for depth in (2, 30, 80):

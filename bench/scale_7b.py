@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert import BASELINE, COPY, REPO, make_checkpoint, measure  # noqa: E402
 
-from llama.config import ModelConfig  # noqa: E402
+from llama.config.model import ModelConfig  # noqa: E402
 from llama.weights.names import expected_shapes  # noqa: E402
 
 CLI = "import sys; from llama.cli import run; sys.exit(run(sys.argv[1:]))"

@@ -35,9 +35,9 @@ def ours(rows: np.ndarray, steps: int, config=None, lora_targets: str | None = N
     """Our step on `config` (default: the tiny one); with `lora_targets` (e.g. "wq|wk|wv|wo") a rank-8 LoRA
     step on a frozen base; with `layers_only`, the embeddings and output projection frozen."""
     import mindspore as ms
-    from llama.config import ModelConfig
+    from llama.config.model import ModelConfig
+    from llama.config.train import OptimizerSection
     from llama.model import LlamaForCausalLM
-    from llama.train.config import OptimizerSection
     from llama.train.lora import apply_lora
     from llama.train.step import Stepper
 
@@ -59,7 +59,7 @@ def transformers_peer(rows: np.ndarray, steps: int, config=None, lora_targets: s
     on the matching q/k/v/o projections)."""
     import torch
     import transformers
-    from llama.config import ModelConfig
+    from llama.config.model import ModelConfig
 
     torch.manual_seed(0)
     hf_config = transformers.LlamaConfig(**(config or ModelConfig.named("tiny")).to_hf_config())

@@ -30,7 +30,7 @@ def _checked(args, check) -> None:
 
 
 def _prepare_data(args) -> dict:
-    from llama.pipeline_config import load_flow_config
+    from llama.config.pipeline import load_flow_config
 
     _checked(args, load_flow_config)
     from flows.prepare_data import prepare_data
@@ -39,7 +39,7 @@ def _prepare_data(args) -> dict:
 
 
 def _run(args) -> dict:
-    from llama.pipeline_config import check_pipeline_config
+    from llama.config.pipeline import check_pipeline_config
 
     _checked(args, check_pipeline_config)
     from flows.pipeline import comparison, pipeline
@@ -67,7 +67,7 @@ def _side_by_side(before: float | None, after: float | None, change: float | Non
 
 def _serve(args) -> dict:
     """Serve the pipeline as a Prefect deployment on a cron schedule (blocks until interrupted)."""
-    from llama.pipeline_config import check_pipeline_config
+    from llama.config.pipeline import check_pipeline_config
 
     _checked(args, check_pipeline_config)
     from flows.pipeline import pipeline

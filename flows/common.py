@@ -7,9 +7,9 @@ from pathlib import Path
 
 from prefect.futures import PrefectFuture
 
+from llama.config.loader import resolve_path
+from llama.config.pipeline import check_input
 from llama.download import load_sources
-from llama.pipeline_config import check_input
-from llama.yamlconfig import resolve_path
 from tasks.data import download_source
 
 

@@ -26,10 +26,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.common import Inputs, outcome
 from flows.prepare_data import prepare_data
+from llama.config.loader import CONFIG_ROOT, as_overrides, config_file, resolve_path
+from llama.config.pipeline import check_pipeline_config
+from llama.config.train import load_train_config
 from llama.errors import PipelineError
-from llama.pipeline_config import check_pipeline_config
-from llama.train.config import load_train_config
-from llama.yamlconfig import CONFIG_ROOT, as_overrides, config_file, resolve_path
 from tasks import evaluate, model, train
 from tasks.cache import code_version
 from tasks.tracking import Run

@@ -13,9 +13,9 @@ from pathlib import Path
 from prefect import flow
 
 from flows.common import Inputs, outcome
-from llama.fileio import MANIFEST
+from llama.config.pipeline import load_flow_config
 from llama.errors import PipelineError
-from llama.pipeline_config import load_flow_config
+from llama.fileio import MANIFEST
 from tasks.data import preprocess
 from tasks.tracking import Run
 

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 from llama.errors import PipelineError
 
 LIBRARY_COMMANDS = (
-    "llama.yamlconfig",
+    "llama.config.cli",
     "llama.download",
     "llama.data.cli",
     "llama.weights.cli",

@@ -36,7 +36,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, One, Zero, initializer
 
-from llama.config import ModelConfig
+from llama.config.model import ModelConfig
 
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 NEG_INF = -1e9  # finite, so a fully masked row (a padding query) gives a uniform softmax, not NaN

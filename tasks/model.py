@@ -8,9 +8,9 @@ from pathlib import Path
 from prefect import task
 
 import llama
-from llama.config import ModelConfig
-from llama.errors import PipelineError
+from llama.config.model import ModelConfig
 from llama.data.tokenizer import load_tokenizer
+from llama.errors import PipelineError
 from llama.weights.source import open_checkpoint, verify_folder
 from llama.weights.writer import write_checkpoint
 from tasks.cache import CachedStage, verified_by

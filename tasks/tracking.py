@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from llama.yamlconfig import flatten
+from llama.config.loader import flatten
 
 DEFAULT_EXPERIMENT = "llama2-pipeline"
 MAX_PARAM_LENGTH = 6000

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from prefect import task
 
+from llama.config.train import TrainConfig
 from llama.errors import PipelineError
 from llama.train import checkpointing
-from llama.train.config import TrainConfig
 from llama.train.merge import merge as merge_checkpoints
 from llama.train.run_folder import METRICS_FILE, RESULT_FILE
 from llama.train.trainer import train as train_model

@@ -125,9 +125,9 @@ def alpaca_records(tmp_path_factory, fixtures):
 def base_checkpoint(tmp_path_factory):
     """A tiny model with seeded random weights, saved as a verified checkpoint folder."""
     import mindspore as ms
-    from llama.weights.load import save_checkpoint
-    from llama.config import ModelConfig
+    from llama.config.model import ModelConfig
     from llama.model import LlamaForCausalLM
+    from llama.weights.load import save_checkpoint
 
     ms.set_seed(7)
     config = ModelConfig.named("tiny")

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from llama.cli import run as cli
+from llama.config.train import TrainConfig
 from llama.eval.loading import load_model
 from llama.eval.perplexity import TokenNLL, evaluate_perplexity, mindformers_perplexity
 from llama.train import checkpointing
-from llama.train.config import TrainConfig
 from llama.train.network import build_network
 from llama.train.trainer import train
 from train_support import tiny_config

@@ -12,7 +12,7 @@ import pytest
 
 from flows.cli import FLOW_COMMANDS
 from llama.cli import LIBRARY_COMMANDS, run as cli
-from llama.config import ModelConfig
+from llama.config.model import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_PRETRAIN = REPO / "configs" / "train" / "tiny_pretrain.yaml"
@@ -53,8 +53,8 @@ def small_checkpoints(tmp_path_factory, tok512):
     """Two converted folders with tok512: `vocab256`, a vocabulary smaller than the tokenizer's, and `ctx64`,
     a context shorter than the wiki rows."""
     import mindspore as ms
-    from llama.weights.load import save_checkpoint
     from llama.model import LlamaForCausalLM
+    from llama.weights.load import save_checkpoint
 
     ms.set_seed(3)
     folders = {}

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from llama.config.loader import as_overrides, resolve_path
+from llama.config.pipeline import DataConfig, PipelineConfig, load_flow_config
+from llama.config.train import load_train_config
 from llama.download import load_sources
-from llama.pipeline_config import DataConfig, PipelineConfig, load_flow_config
-from llama.train.config import load_train_config
-from llama.yamlconfig import as_overrides, resolve_path
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PIPELINES = sorted((CONFIGS / "pipeline").glob("*.yaml"))

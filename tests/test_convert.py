@@ -10,7 +10,7 @@ import mindspore as ms
 from safetensors.numpy import load_file, save_file
 
 from llama.cli import run
-from llama.config import ModelConfig
+from llama.config.model import ModelConfig
 from llama.errors import PipelineError
 from llama.model import checkpoint_layout
 from llama.weights.load import load_checkpoint, save_checkpoint

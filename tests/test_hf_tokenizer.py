@@ -219,9 +219,9 @@ def test_squad_and_alpaca_records_use_the_tokenizers_ids(bpe768, fixtures, tmp_p
 def bpe_checkpoint(tmp_path_factory, bpe768):
     """A random stories260K-shaped model over bpe768's vocabulary, saved with the tokenizer folder."""
     import mindspore as ms
-    from llama.weights.load import save_checkpoint
-    from llama.config import ModelConfig
+    from llama.config.model import ModelConfig
     from llama.model import LlamaForCausalLM
+    from llama.weights.load import save_checkpoint
 
     ms.set_seed(3)
     config = ModelConfig.named("stories260K").replace(vocab_size=768)
@@ -266,7 +266,7 @@ def test_predict_and_eval_take_the_checkpoints_tokenizer_json(bpe_checkpoint, fi
 
 def test_training_leaves_out_the_pad_id_of_its_records(bpe768, fixtures, tmp_path):
     """Rows padded by a tokenizer with its own pad token (id 768): the loss mask takes the records' pad id."""
-    from llama.train.config import TrainConfig
+    from llama.config.train import TrainConfig
     from llama.train.batches import load_batches
     from train_support import tiny_config
 

@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
+from llama.config.train import TrainConfig
 from llama.errors import PipelineError
 from llama.train import checkpointing
-from llama.train.config import TrainConfig
 from llama.train.merge import merge
 from llama.train.trainer import train
 from train_support import sample_ids, tiny_config
@@ -33,8 +33,8 @@ def lora_run(alpaca_records, base_checkpoint, tmp_path_factory):
 
 def test_lora_merge_gives_the_logits_of_base_plus_adapter(lora_run, tmp_path):
     import mindspore as ms
-    from llama.weights.load import load_checkpoint
     from llama.train.network import build_network
+    from llama.weights.load import load_checkpoint
 
     run, config = lora_run
     adapter = checkpointing.load_tensors(run / "rank_0/step_00000003/weights.ckpt")
@@ -110,8 +110,8 @@ def test_sliced_checkpoints_merge_through_transform_checkpoints(base_checkpoint,
 
     import mindspore as ms
 
-    from llama.weights.source import open_checkpoint
     from llama.cli import run as cli
+    from llama.weights.source import open_checkpoint
 
     original = {name: entry.read() for name, entry in open_checkpoint(base_checkpoint).entries.items()}
     layouts, slices = {}, {0: [], 1: []}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import mindspore as ms
 
-from llama.config import ModelConfig
+from llama.config.model import ModelConfig
 from llama.errors import PipelineError
 from llama.model import LlamaForCausalLM, apply_rotary, rotary_tables, swap_axes_1_2
 from llama.weights.load import load_checkpoint, params_source

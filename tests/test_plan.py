@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from llama.cli import run as cli
-from llama.config import ModelConfig
-from llama.train.config import load_train_config
+from llama.config.model import ModelConfig
+from llama.config.train import load_train_config
 from llama.train.plan import GiB, parse_size, plan_memory
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,9 +8,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from llama.config.train import TrainConfig
 from llama.device import compute_dtype_here
 from llama.errors import PipelineError
-from llama.train.config import TrainConfig
 from llama.train.merge import merge
 from llama.train.network import build_network
 from llama.train.trainer import train

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llama.config.train import TrainConfig, load_train_config
 from llama.errors import PipelineError
-from llama.train.config import TrainConfig, load_train_config
 from llama.train.schedule import learning_rate
 from llama.train.trainer import train
 from train_support import tiny_config
@@ -118,11 +118,11 @@ def test_a_loss_over_scored_positions_only_equals_the_full_loss_and_its_gradient
     import mindspore as ms
     from mindspore import ParameterTuple, Tensor
 
-    from llama.config import ModelConfig
-    from llama.model import LlamaForCausalLM
-    from llama.train.prefix import PrefixTunedLM
+    from llama.config.model import ModelConfig
     from llama.data.records import IGNORE_ID
+    from llama.model import LlamaForCausalLM
     from llama.train.batches import scored_positions
+    from llama.train.prefix import PrefixTunedLM
     from llama.train.step import CausalLMLoss, _Gradients
 
     ms.set_seed(0)
@@ -150,9 +150,9 @@ def test_a_loss_over_scored_positions_only_equals_the_full_loss_and_its_gradient
 def _changed_params(config: dict, records) -> tuple[set, set]:
     """Run two optimizer steps directly; return (names that changed, names that train)."""
     from llama.train.batches import load_batches
+    from llama.train.dropout import set_dropout_key
     from llama.train.network import build_network
     from llama.train.step import Stepper
-    from llama.train.dropout import set_dropout_key
 
     config = TrainConfig.from_dict(config)
     network = build_network(config)
@@ -209,7 +209,7 @@ def test_a_full_finetune_of_a_30_layer_model_compiles_and_trains():
     import types
 
     import mindspore as ms
-    from llama.config import ModelConfig
+    from llama.config.model import ModelConfig
     from llama.model import LlamaForCausalLM
     from llama.train.step import Stepper
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llama.cli import add_command
-from llama.yamlconfig import DTYPES
+from llama.config.schema import DTYPES
 
 
 def _model_arguments(parser) -> None:

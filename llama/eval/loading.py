@@ -40,9 +40,9 @@ def load_model(checkpoint: str | os.PathLike, dtype: str | None = None, model_co
     unmerged (its base is checked before anything is loaded). Inside `warm_models()` the warm model is reused
     and kept, unless there is an adapter or the weights are bf16 (MindSpore's CPU cannot copy those in place).
     """
-    from llama.weights.load import load_checkpoint
-    from llama.config import ModelConfig
+    from llama.config.model import ModelConfig
     from llama.train.adapter import apply_adapter, read_adapter
+    from llama.weights.load import load_checkpoint
 
     trained = read_adapter(adapter, checkpoint) if adapter is not None else None
     warm, _Warm.model = _Warm.model, None

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llama.config.train import TrainConfig
 from llama.data.records import IGNORE_ID, check_labelled, read_columns, verify
 from llama.errors import PipelineError
 from llama.fileio import sha256_bytes
-from llama.train.config import TrainConfig
 
 
 @dataclass

@@ -8,7 +8,7 @@ from llama.cli import add_command
 
 
 def _train(args) -> dict:
-    from llama.train.config import load_train_config
+    from llama.config.train import load_train_config
     from llama.train.trainer import train
 
     config = load_train_config(args.config, args.overrides)
@@ -16,7 +16,7 @@ def _train(args) -> dict:
 
 
 def _plan(args) -> dict:
-    from llama.train.config import load_train_config
+    from llama.config.train import load_train_config
     from llama.errors import PipelineError
     from llama.train.plan import (device_memory, logit_positions_of, model_config_of, parse_size, plan_memory,
                                   seq_length_of)

@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+from llama.config.train import TrainConfig
 from llama.data.records import verify
 from llama.errors import PipelineError
 from llama.fileio import read_json
 from llama.progress import Progress
 from llama.train.batches import count_steps
-from llama.train.config import TrainConfig
 from llama.train.run_folder import CONFIG_FILE, METRICS_FILE, RESULT_FILE, prepare_output
 from llama.train.worker import run_worker
 

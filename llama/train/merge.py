@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama.config import ModelConfig
+from llama.config.model import ModelConfig
 from llama.errors import PipelineError
 from llama.fileio import MANIFEST, check_output_free, read_json
 from llama.train import checkpointing

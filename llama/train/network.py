@@ -7,12 +7,12 @@ from pathlib import Path
 
 import mindspore as ms
 
-from llama.config import ModelConfig
+from llama.config.model import ModelConfig
+from llama.config.train import TrainConfig
 from llama.device import compute_dtype_here
 from llama.errors import PipelineError
 from llama.fileio import checkpoint_identity
 from llama.model import RANDOM, ZEROS, LlamaForCausalLM
-from llama.train.config import TrainConfig
 from llama.train.lora import apply_lora
 from llama.train.prefix import PrefixTunedLM
 from llama.weights.load import assign_weights

@@ -34,13 +34,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama.config import ModelConfig
-from llama.errors import PipelineError
-from llama.fileio import MANIFEST, read_json
+from llama.config.model import ModelConfig
+from llama.config.train import TrainConfig
 from llama.data.records import PARQUET
 from llama.device import GRAPH_EXTRA_PER_WEIGHT_BYTE, graph_copy_fits
+from llama.errors import PipelineError
+from llama.fileio import MANIFEST, read_json
 from llama.train.batches import scored_positions
-from llama.train.config import TrainConfig
 from llama.weights.names import MODEL_CONFIG, expected_shapes
 
 GiB = 1 << 30

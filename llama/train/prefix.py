@@ -15,7 +15,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from llama.config import ModelConfig
+from llama.config.model import ModelConfig
 from llama.model import LlamaForCausalLM
 from llama.train.dropout import KeyedDropout
 

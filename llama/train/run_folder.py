@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llama.config.train import TrainConfig
 from llama.errors import PipelineError
 from llama.fileio import read_json, remove_partials, write_json_atomic
 from llama.train import checkpointing
-from llama.train.config import TrainConfig
 
 CONFIG_FILE, METRICS_FILE, RESULT_FILE = "train_config.json", "metrics.jsonl", "result.json"
 LOCK_FILE = ".train.lock"   # held by the process that trains into the folder (the launcher of msrun workers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from llama.train.config import TrainConfig
+from llama.config.train import TrainConfig
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from llama.config.train import TrainConfig, as_train_config
 from llama.fileio import exclusive_lock
-from llama.train.config import TrainConfig, as_train_config
 from llama.train.launch import run_data_parallel
 from llama.train.plan import check_fits
 from llama.train.run_folder import LOCK_FILE

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from llama.config.train import TrainConfig
 from llama.errors import PipelineError
 from llama.fileio import write_json_atomic
 from llama.progress import Progress
 from llama.train import checkpointing
 from llama.train.batches import count_steps, load_batches, scored_positions
-from llama.train.config import TrainConfig
 from llama.train.dropout import set_dropout_key, step_key
 from llama.train.network import build_network
 from llama.train.run_folder import (CONFIG_FILE, METRICS_FILE, RESULT_FILE, append_metrics, prepare_output,

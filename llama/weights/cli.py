@@ -14,14 +14,14 @@ from __future__ import annotations
 import time
 
 from llama.cli import add_command
-from llama.yamlconfig import DTYPES
+from llama.config.schema import DTYPES
 
 FORMATS = {"ckpt": "MindSpore .ckpt", "safetensors": "MindSpore .safetensors", "hf": "Hugging Face safetensors"}
 
 
 def run_convert(args) -> dict:
     # imported when the command runs, as in every stage module, so that --help stays fast (llama/cli.py)
-    from llama.config import ModelConfig
+    from llama.config.model import ModelConfig
     from llama.data.tokenizer import TOKENIZER_FILES
     from llama.weights.source import open_checkpoint
     from llama.weights.writer import write_checkpoint

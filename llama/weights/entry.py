@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from llama.config import ModelConfig
+from llama.config.model import ModelConfig
 from llama.errors import PipelineError
 from llama.weights.names import LAYER_NAME
 

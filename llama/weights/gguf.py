@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama.config import ModelConfig
+from llama.config.model import ModelConfig
 from llama.errors import PipelineError
 from llama.weights.entry import Entry, permute_qk
 

@@ -11,7 +11,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import ops
 
-from llama.config import ModelConfig
+from llama.config.model import ModelConfig
 from llama.device import compute_dtype_here
 from llama.errors import PipelineError
 from llama.model import ZEROS, LlamaForCausalLM, checkpoint_layout, transposed_in_model

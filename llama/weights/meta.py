@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama.config import ModelConfig, llama_intermediate_size
+from llama.config.model import ModelConfig, llama_intermediate_size
 from llama.fileio import read_json
 from llama.weights.entry import Entry, permute_qk
 from llama.weights.names import IGNORED, NP_DTYPES, meta_to_ms_name

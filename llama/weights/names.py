@@ -10,7 +10,7 @@ import re
 import ml_dtypes  # registers bfloat16 with numpy; must precede any bf16 read
 import numpy as np
 
-from llama.config import ModelConfig
+from llama.config.model import ModelConfig
 
 FORMAT = "llama2-pipeline checkpoint 1"
 MODEL_CONFIG = "model_config.json"

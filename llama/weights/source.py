@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from llama.config import ModelConfig
+from llama.config.model import ModelConfig
 from llama.data.tokenizer import TOKENIZER_FILES
 from llama.errors import PipelineError
 from llama.fileio import MANIFEST, read_json, verify_manifest

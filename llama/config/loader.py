@@ -1,7 +1,6 @@
-"""Declarative YAML configs with `key.path=value` overrides from the command line, and the typed checks
-every config goes through: one loader, one dtype table, schemas as pydantic dataclasses whose first
-violation becomes a one-line `PipelineError`. Configs shipped in configs/KIND/ are also found by name
-(`--config tiny_lora`), and `llama2-pipeline configs` lists them.
+"""Reading configs: YAML files (numbers as YAML 1.2 reads them), `key.path=value` overrides from the command
+line, paths relative to their file, and the configs shipped in configs/KIND/, found by name (`--config
+tiny_lora`).
 """
 
 from __future__ import annotations
@@ -11,12 +10,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Iterable, Literal, get_args
+from typing import Iterable
 
 import yaml
-from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
 
-from llama.cli import add_command
 from llama.errors import PipelineError
 
 
@@ -54,7 +51,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 CONFIG_KINDS = ("pipeline", "data", "train", "model")
 
 
@@ -84,13 +81,6 @@ def shipped_configs(kind: str | None = None) -> list[tuple[str, str, str]]:
             about = first[0].lstrip("#").strip() if first and first[0].startswith("#") else ""
             found.append((each, path.stem, about))
     return found
-
-
-def register(subparsers) -> None:
-    parser = add_command(subparsers, "configs", lambda args: {
-        f"{kind}/{name}": about for kind, name, about in shipped_configs(args.kind)},
-        help="list the configs shipped in configs/; every --config also takes one by name (--config tiny_lora)")
-    parser.add_argument("kind", nargs="?", choices=CONFIG_KINDS, help="list only this kind")
 
 
 def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
@@ -131,41 +121,3 @@ def flatten(config: dict, prefix: str = "") -> dict:
 def as_overrides(config: dict) -> list[str]:
     """A nested mapping as `key.path=value` overrides (values in JSON, which YAML reads back unchanged)."""
     return [f"{key}={json.dumps(value)}" for key, value in flatten(config).items()]
-
-
-# ------------------------------------------------------------------------------------------ typed schemas
-
-Dtype = Literal["float32", "float16", "bfloat16"]
-DTYPES = get_args(Dtype)
-
-# YAML already gives numbers their type, so integers are strict: `3.5`, `"3"` or `true` is not a step count.
-PositiveInt = Annotated[int, Strict(), Field(ge=1)]
-NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
-FiniteFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]
-PositiveFloat = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
-NonNegativeFloat = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
-Fraction = Annotated[float, Strict(), Field(ge=0, lt=1)]   # dropout rates, Adam betas
-SCHEMA = ConfigDict(extra="forbid")                         # a misspelt key is an error, not a silent default
-
-
-def build(schema, data, where: str):
-    """`schema` (a pydantic dataclass) from a mapping, or a one-line error naming the first bad setting."""
-    if not isinstance(data, dict):
-        raise PipelineError(f"{where} must be a mapping of settings, not {type(data).__name__}")
-    try:
-        return TypeAdapter(schema).validate_python(data)
-    except ValidationError as err:
-        raise PipelineError(f"{where}: {describe(err)}") from None
-
-
-def describe(err: ValidationError) -> str:
-    """The first error of a validation as `key.path: what is wrong (got value)`."""
-    first = err.errors(include_url=False)[0]
-    *section, leaf = [str(part) for part in first["loc"] if part != "[key]"] or ["settings"]
-    if first["type"] == "unexpected_keyword_argument":
-        return f"unknown setting {leaf}" + (f" in {'.'.join(section)}" if section else "")
-    if first["type"] == "missing":
-        return f"{'.'.join([*section, leaf])} is required"
-    message = first["msg"][0].lower() + first["msg"][1:]
-    got = "" if isinstance(first["input"], (dict, list)) else f" (got {first['input']!r})"
-    return f"{'.'.join([*section, leaf])}: {message}{got}"

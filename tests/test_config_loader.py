@@ -1,7 +1,7 @@
 import pytest
 
+from llama.config.loader import apply_overrides, load_yaml
 from llama.errors import PipelineError
-from llama.yamlconfig import apply_overrides, load_yaml
 
 
 def test_overrides_parse_values_and_create_sections():
@@ -26,7 +26,7 @@ def test_bad_yaml_files(tmp_path):
 
 
 def test_nested_settings_round_trip_through_overrides():
-    from llama.yamlconfig import as_overrides
+    from llama.config.loader import as_overrides
 
     nested = {"model": {"config": None}, "optimizer": {"learning_rate": 2e-3}, "pet": {"target_modules": "wq|wv"}}
     assert apply_overrides({}, as_overrides(nested)) == nested

@@ -15,13 +15,13 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, Strict
 from pydantic.dataclasses import dataclass
 
+from llama.config.loader import apply_overrides, as_overrides, config_file, load_yaml, resolve_path
+from llama.config.schema import SCHEMA, Dtype, NonNegativeFloat, NonNegativeInt, PositiveInt, build
+from llama.config.train import load_train_config
 from llama.data.squad import MODES as SQUAD_MODES, QUESTIONS
 from llama.data.wiki import MODES as WIKI_MODES
 from llama.download import load_sources
 from llama.errors import PipelineError
-from llama.train.config import load_train_config
-from llama.yamlconfig import (SCHEMA, Dtype, NonNegativeFloat, NonNegativeInt, PositiveInt, apply_overrides,
-                              as_overrides, build, config_file, load_yaml, resolve_path)
 
 FORMATS = Literal["ckpt", "safetensors", "hf"]
 NucleusMass = Annotated[float, Strict(), Field(gt=0, le=1)]

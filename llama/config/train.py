@@ -21,9 +21,11 @@ from typing import Annotated, Iterable, Literal
 from pydantic import Field, Strict, field_validator
 from pydantic.dataclasses import dataclass
 
+from llama.config.loader import apply_overrides, config_file, load_yaml, resolve_path
+from llama.config.model import ModelConfig
+from llama.config.schema import (SCHEMA, Dtype, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                                 PositiveInt, build)
 from llama.errors import PipelineError
-from llama.yamlconfig import (SCHEMA, Dtype, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                              PositiveInt, apply_overrides, build, config_file, load_yaml, resolve_path)
 
 
 @dataclass(config=SCHEMA)
@@ -139,8 +141,6 @@ class TrainConfig:
 
     def require_inputs(self) -> None:
         """Recipes leave data and weights open; a run needs them, and a model config that loads."""
-        from llama.config import ModelConfig
-
         if self.model.config:
             ModelConfig.load(self.model.config)
         if not self.data.train:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from pydantic.dataclasses import dataclass
 
+from llama.config.loader import config_file, load_yaml
+from llama.config.schema import DTYPES, SCHEMA, Dtype, NonNegativeInt, PositiveFloat, PositiveInt, build
 from llama.errors import PipelineError
-from llama.yamlconfig import (DTYPES, SCHEMA, Dtype, NonNegativeInt, PositiveFloat, PositiveInt,
-                              build, config_file, load_yaml)
 
 HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
