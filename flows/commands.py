@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from llama.cli import add_command
+from tasks.tracking import tracking_uri
 
 
 def _add_flow_options(parser, default_config: str) -> None:
@@ -43,7 +44,6 @@ def _run(args) -> dict:
 
     _checked(args, check_pipeline_config)
     from flows.pipeline import comparison, pipeline
-    from tasks.tracking import tracking_uri
 
     result = pipeline(config=args.config, overrides=args.overrides, work_dir=args.work_dir, mirror=args.mirror)
     result["mlflow_ui"] = f"mlflow ui --backend-store-uri {tracking_uri()}"

@@ -6,6 +6,10 @@ stored as bf16 and cast on the fly, but compute runs in float32 or float16. Asce
 
 from __future__ import annotations
 
+import sys
+
+import psutil
+
 from llama.errors import PipelineError
 
 
@@ -37,10 +41,7 @@ def graph_copy_fits(weight_bytes: float, memory: float) -> bool:
 def graphs_fit(model) -> bool:
     """Whether compiled graphs of `model` fit: their copy of its weights in the memory available now (always,
     off the CPU backend). Warns, once per call, when they do not: the model then runs eagerly."""
-    import sys
-
     import mindspore as ms
-    import psutil
 
     weight_bytes = sum(p.nbytes for p in model.get_parameters())
     if ms.get_context("device_target") != "CPU" or graph_copy_fits(weight_bytes, psutil.virtual_memory().available):

@@ -18,7 +18,7 @@ class LlamaGenerator(PythonModel):
     """Prompts in (a list of strings, or a one-column DataFrame of them), completions out."""
 
     def load_context(self, context) -> None:
-        from llama.eval.predict import Predictor
+        from llama.eval.predict import Predictor  # deferred: MLflow puts the code path on sys.path after this file loads
 
         self.predictor = Predictor(context.artifacts["checkpoint"])
 

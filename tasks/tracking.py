@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 from llama.config.loader import flatten
+from llama.fileio import MANIFEST, sha256_file
 
 DEFAULT_EXPERIMENT = "llama2-pipeline"
 MAX_PARAM_LENGTH = 6000
@@ -73,7 +75,6 @@ class Run:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()
@@ -103,8 +104,6 @@ class Run:
         """Record the data at `path` as a run input with its content digest (a records folder's manifest's, or the
         file's), so runs show what data they used, in which role (`context`: training, evaluation ...)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
-
-        from llama.fileio import MANIFEST, sha256_file
 
         path = Path(path)
         digest = sha256_file(path / MANIFEST if path.is_dir() else path)

@@ -56,3 +56,46 @@ def test_no_import_cycle_among_project_modules():
     for name in sorted(graph):
         if name not in state:
             visit(name, [])
+
+
+# What a module may import inside a function rather than at its top, so that importing the library, `--help`
+# and the Prefect flow process stay light (llama/__init__.py): these libraries, and project modules that
+# import them at module level, directly or through others; anything else only with its reason on the line
+# (`# deferred: why`).
+HEAVY = {"mindspore", "torch", "transformers", "gguf", "tokenizers", "sentencepiece", "pyarrow", "fastchat",
+         "matplotlib", "mlflow", "prefect", "pydantic"}
+
+
+def _function_imports(path: Path) -> list[tuple[int, str]]:
+    source = path.read_text(encoding="utf-8")
+    lines, found = source.splitlines(), []
+    for function in ast.walk(ast.parse(source)):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and "# deferred: " in lines[node.lineno - 1]:
+                    continue
+                if isinstance(node, ast.Import):
+                    found += [(node.lineno, alias.name) for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    found.append((node.lineno, node.module))
+    return found
+
+
+def test_imports_inside_functions_only_defer_heavy_libraries():
+    modules = _modules()
+    graph = {name: _top_level_imports(path) for name, path in modules.items()}
+    heavy: dict[str, bool] = {}
+
+    def is_heavy(name: str) -> bool:
+        if name.split(".")[0] in HEAVY:
+            return True
+        if name not in modules:
+            return False
+        if name not in heavy:
+            heavy[name] = False   # while visiting: cycles are test_no_import_cycle_among_project_modules' job
+            heavy[name] = any(is_heavy(imported) for imported in graph[name])
+        return heavy[name]
+
+    light = [f"{path.relative_to(REPO)}:{line} {imported}" for name, path in modules.items()
+             for line, imported in _function_imports(path) if not is_heavy(imported)]
+    assert not light, "import these at module level:\n" + "\n".join(light)

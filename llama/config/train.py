@@ -25,6 +25,7 @@ from llama.config.loader import apply_overrides, config_file, load_yaml, resolve
 from llama.config.model import ModelConfig
 from llama.config.schema import (SCHEMA, Dtype, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat,
                                  PositiveInt, build)
+from llama.device import compute_dtype_here
 from llama.errors import PipelineError
 
 
@@ -150,8 +151,6 @@ class TrainConfig:
 
     def check_runnable(self) -> None:
         """The seed's recipes target Ascend; say which of their settings this device or trainer cannot run."""
-        from llama.device import compute_dtype_here
-
         if self.model.compute_dtype:
             compute_dtype_here(self.model.compute_dtype, "model.compute_dtype")
         if self.parallel.model_parallel > 1 or self.parallel.pipeline_stage > 1:

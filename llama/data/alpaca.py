@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 
+from llama.cli import add_command
 from llama.data.common import add_io_arguments, check_length, encode, run_preprocess, text_field
 from llama.data.records import IGNORE_ID, check_labelled, summarize
 from llama.errors import PipelineError
@@ -183,8 +184,6 @@ def _command(args) -> dict:
 
 
 def register(subparsers) -> None:
-    from llama.cli import add_command
-
     parser = add_command(subparsers, "alpaca", _command,
                          help="Alpaca JSON → MindRecord rows of input_ids/labels, as MindFormers' qa preprocessing")
     add_io_arguments(parser, "--seq-length", "tokens per row, less one (rows hold seq_length + 1 tokens)")

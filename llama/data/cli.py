@@ -4,6 +4,9 @@ import importlib
 from pathlib import Path
 
 from llama.cli import add_command
+from llama.data.records import FORMAT as RECORDS, summarize, verify
+from llama.errors import PipelineError
+from llama.fileio import MANIFEST, pipeline_manifest_files, read_json, verify_files
 
 DATASET_MODULES = ("llama.data.wiki", "llama.data.alpaca", "llama.data.squad")
 
@@ -23,10 +26,6 @@ def register(subparsers) -> None:
 
 
 def _verify(args) -> dict:
-    from llama.data.records import FORMAT as RECORDS, summarize, verify
-    from llama.errors import PipelineError
-    from llama.fileio import MANIFEST, pipeline_manifest_files, read_json, verify_files
-
     files = pipeline_manifest_files(args.output)
     if files is None:
         raise PipelineError(f"{args.output} has no {MANIFEST} written by this pipeline")

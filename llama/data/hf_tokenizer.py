@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from llama.data.tokenizer import BLOCK, TOKENIZER_JSON, Tokenizer, flatten_id_lists
+from llama.data.tokenizer_base import BLOCK, TOKENIZER_JSON, Tokenizer, flatten_id_lists
 from llama.errors import PipelineError
 from llama.fileio import sha256_file
 
@@ -42,7 +42,7 @@ SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-class HFTokenizer(Tokenizer):
+class HFTokenizer(Tokenizer, kind="huggingface"):
     """A `tokenizer.json` with its config files; `sha256` covers all of them (names and contents)."""
 
     def __init__(self, path: str | os.PathLike):

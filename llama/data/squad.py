@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llama.cli import add_command
 from llama.data.common import add_io_arguments, check_length, encode, list_field, pad, run_preprocess, text_field
 from llama.data.records import IGNORE_ID, summarize
 from llama.errors import PipelineError
@@ -212,8 +213,6 @@ def _command(args) -> dict:
 
 
 def register(subparsers) -> None:
-    from llama.cli import add_command
-
     parser = add_command(subparsers, "squad", _command,
                          help="SQuAD v1.1 JSON → MindRecord prompt/answer rows, as MindFormers' squad_data_process")
     add_io_arguments(parser, "--max-length", "tokens per eval row (train rows hold max_length + 1)")

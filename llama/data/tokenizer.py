@@ -1,4 +1,5 @@
-"""Tokenizers: one interface, two backends, picked from the path (`Tokenizer(path)`).
+"""Tokenizers: one interface (`llama.data.tokenizer_base`), two backends, picked from the path
+(`Tokenizer(path)`). Import them from here: this module holds the sentencepiece backend and imports the other.
 
 - sentencepiece (a `.model` file, or a folder holding only `tokenizer.model`): reproduces MindFormers'
   `LlamaTokenizer`, fast (`SentencePieceTokenizer`, below).
@@ -26,20 +27,23 @@ from __future__ import annotations
 import functools
 import os
 import re
-from itertools import chain
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from llama.data.hf_tokenizer import HFTokenizer
+from llama.data.tokenizer_base import (BLOCK, TOKENIZER_FILES, TOKENIZER_JSON, TOKENIZER_MODEL, Tokenizer,
+                                       flatten_id_lists)
 from llama.errors import PipelineError
 from llama.fileio import sha256_bytes
+
+__all__ = ["BLOCK", "TOKENIZER_FILES", "TOKENIZER_JSON", "TOKENIZER_MODEL", "HFTokenizer", "SentencePieceTokenizer",
+           "Tokenizer", "WordEncoder", "load_tokenizer", "take_lists"]
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(token) for token in SPECIAL_TOKENS) + ")")
 
-# Texts per threaded sentencepiece call: large enough to keep every core busy, small enough for progress.
-BLOCK = 4096
 # Below this much text per call, sentencepiece alone is quicker than counting distinct words first.
 WORD_ENCODER_MIN_CHARS = 1 << 18
 _SPACE_MARK = "\N{LOWER ONE EIGHTH BLOCK}"  # sentencepiece's `▁`
@@ -51,13 +55,6 @@ def take_lists(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> np
 
     lists = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values))
     return lists.take(pa.array(index)).flatten().to_numpy()
-
-
-def flatten_id_lists(id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Id lists as one int32 array, plus int64 offsets (len + 1) where each list starts."""
-    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-    offsets = np.concatenate(([0], np.cumsum(lengths)))
-    return np.fromiter(chain.from_iterable(id_lists), dtype=np.int32, count=int(offsets[-1])), offsets
 
 
 class WordEncoder:
@@ -121,83 +118,7 @@ class WordEncoder:
         return take_lists(distinct_ids, distinct_offsets, word), word_ends[words.offsets.to_numpy()]
 
 
-TOKENIZER_MODEL = "tokenizer.model"
-TOKENIZER_JSON = "tokenizer.json"
-# The files that make up a tokenizer, in the names transformers gives them; `convert` copies those it finds.
-TOKENIZER_FILES = (TOKENIZER_MODEL, TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json")
-
-
-class Tokenizer:
-    """The interface every stage uses. `Tokenizer(path)` opens the backend `path` names (see the module
-    docstring); each backend sets the attributes below.
-
-    `sha256` identifies the tokenizer in record manifests and cache keys; `files` maps the names it is stored
-    under in a checkpoint folder to the files it was read from. `add_bos`/`add_eos`: whether the tokenizer's own
-    convention puts BOS/EOS around a text (used where no MindFormers convention applies, e.g. predict prompts).
-    `pad_id` fills rows; the loss and the metrics leave padded positions out.
-    """
-
-    path: Path
-    files: dict[str, Path]
-    sha256: str
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-    pad_id: int
-    add_bos: bool
-    add_eos: bool
-
-    def __new__(cls, path: str | os.PathLike | None = None):
-        if cls is Tokenizer:
-            cls = _backend(Path(path))
-        return super().__new__(cls)
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False, split_special: bool = True) -> list[int]:
-        """The ids of `text`, with BOS/EOS if asked. `split_special`: a special token's text in `text` becomes
-        its id (MindFormers' and transformers' default); False spells it as plain text."""
-        raise NotImplementedError
-
-    def encode_flat(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
-                    split_special: bool = True, workers: int | None = None,
-                    progress=None) -> tuple[np.ndarray, np.ndarray]:
-        """All texts' ids as one int32 array, plus int64 offsets (len(texts) + 1) where each text starts.
-
-        The fast path for streams such as WikiText: no per-text Python lists are built. `workers` threads
-        (default: every core); `progress` counts texts.
-        """
-        raise NotImplementedError
-
-    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
-                     split_special: bool = True, workers: int | None = None, progress=None) -> list[list[int]]:
-        """`encode` for many texts, on every core."""
-        ids, offsets = self.encode_flat(texts, bos, eos, split_special, workers, progress)
-        return [part.tolist() for part in np.split(ids, offsets[1:-1])] if texts else []
-
-    def decode(self, ids) -> str:
-        """The text of `ids`, special tokens left out."""
-        raise NotImplementedError
-
-
-def _backend(path: Path) -> type[Tokenizer]:
-    """The backend for a tokenizer path: a folder by the files it holds, a file by its name or its content."""
-    from llama.data.hf_tokenizer import HFTokenizer
-
-    if path.is_dir():
-        if (path / TOKENIZER_JSON).is_file():
-            return HFTokenizer
-        if (path / TOKENIZER_MODEL).is_file():
-            return SentencePieceTokenizer
-        raise PipelineError(f"tokenizer folder {path} holds neither {TOKENIZER_JSON} nor {TOKENIZER_MODEL}")
-    if not path.is_file():
-        raise PipelineError(f"tokenizer {path} does not exist")
-    if path.suffix == ".json":
-        return HFTokenizer
-    with open(path, "rb") as handle:
-        looks_like_json = handle.read(64).lstrip().startswith(b"{")
-    return HFTokenizer if looks_like_json else SentencePieceTokenizer
-
-
-class SentencePieceTokenizer(Tokenizer):
+class SentencePieceTokenizer(Tokenizer, kind="sentencepiece"):
     """A sentencepiece model with MindFormers' special-token handling; `sha256` is the model file's."""
 
     def __init__(self, path: str | os.PathLike):

@@ -1,9 +1,12 @@
-"""`eval ppl`, `eval squad` and `predict`. The work is imported when a command runs, so --help stays fast."""
+"""`eval ppl`, `eval squad` and `predict` (their modules load MindSpore only when a command runs)."""
 
 from __future__ import annotations
 
 from llama.cli import add_command
 from llama.config.schema import DTYPES
+from llama.eval.perplexity import evaluate_perplexity
+from llama.eval.predict import predict, read_prompts
+from llama.eval.squad import evaluate_squad
 
 
 def _model_arguments(parser) -> None:
@@ -20,8 +23,6 @@ def _model_arguments(parser) -> None:
 
 
 def _ppl(args) -> dict:
-    from llama.eval.perplexity import evaluate_perplexity
-
     return evaluate_perplexity(args.checkpoint, args.data, args.convention, batch_size=args.batch_size,
                                window=args.window, rolling_window=args.rolling_window, lm_eval=not args.no_lm_eval,
                                tokenizer=args.tokenizer, dtype=args.dtype, model_config=args.model_config,
@@ -29,8 +30,6 @@ def _ppl(args) -> dict:
 
 
 def _squad(args) -> dict:
-    from llama.eval.squad import evaluate_squad
-
     return evaluate_squad(args.checkpoint, args.data, args.output, questions=args.questions,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
                           worst=args.worst, tokenizer=args.tokenizer, dtype=args.dtype,
@@ -38,8 +37,6 @@ def _squad(args) -> dict:
 
 
 def _predict(args) -> dict:
-    from llama.eval.predict import predict, read_prompts
-
     prompts = read_prompts(args.prompts_file) if args.prompts_file else args.prompt
     result = predict(args.checkpoint, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,

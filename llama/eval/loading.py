@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from llama.train.adapter import apply_adapter, read_adapter
+
 
 class _Warm:
     """The model the last load inside `warm_models()` returned. The next such load of a checkpoint with the same
@@ -41,7 +43,6 @@ def load_model(checkpoint: str | os.PathLike, dtype: str | None = None, model_co
     and kept, unless there is an adapter or the weights are bf16 (MindSpore's CPU cannot copy those in place).
     """
     from llama.config.model import ModelConfig
-    from llama.train.adapter import apply_adapter, read_adapter
     from llama.weights.load import load_checkpoint
 
     trained = read_adapter(adapter, checkpoint) if adapter is not None else None

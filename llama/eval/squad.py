@@ -16,6 +16,7 @@ answers) and results.json (the returned metrics).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -175,8 +176,6 @@ def _worst_table(rows: list[dict]) -> str:
 
 
 def _write_outputs(out: Path, rows: list[dict], result: dict, worst: int, overwrite: bool) -> None:
-    import json
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 

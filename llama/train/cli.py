@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llama.cli import add_command
+from llama.errors import PipelineError
 
 
 def _train(args) -> dict:
@@ -17,7 +18,6 @@ def _train(args) -> dict:
 
 def _plan(args) -> dict:
     from llama.config.train import load_train_config
-    from llama.errors import PipelineError
     from llama.train.plan import (device_memory, logit_positions_of, model_config_of, parse_size, plan_memory,
                                   seq_length_of)
 

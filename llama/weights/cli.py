@@ -15,6 +15,7 @@ import time
 
 from llama.cli import add_command
 from llama.config.schema import DTYPES
+from llama.data.tokenizer import TOKENIZER_FILES
 
 FORMATS = {"ckpt": "MindSpore .ckpt", "safetensors": "MindSpore .safetensors", "hf": "Hugging Face safetensors"}
 
@@ -22,7 +23,6 @@ FORMATS = {"ckpt": "MindSpore .ckpt", "safetensors": "MindSpore .safetensors", "
 def run_convert(args) -> dict:
     # imported when the command runs, as in every stage module, so that --help stays fast (llama/cli.py)
     from llama.config.model import ModelConfig
-    from llama.data.tokenizer import TOKENIZER_FILES
     from llama.weights.source import open_checkpoint
     from llama.weights.writer import write_checkpoint
 
