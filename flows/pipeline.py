@@ -7,24 +7,23 @@
 Each evaluation runs on the base and then on the finetuned model, one after the other, so the second reuses
 the first's model and compiled graphs (llama.eval.loading: for a 30-layer model, tens of seconds a graph).
 
-Every stage is a cached task (tasks/): a rerun with nothing changed executes none, and a changed setting
-reruns exactly the stages after it (a new learning rate reruns training and the finetuned model's
-evaluations, never the base model's). Each flow run is one MLflow parent run with a nested run per stage;
-the parent carries every metric as `base.<name>` and `finetuned.<name>`, plus `delta.<name>` (finetuned
-less base), so runs compare side by side.
+Every stage is a task that owns its MLflow run, nested under the flow run's, around a cached task
+(tasks/stage.py): a rerun with nothing changed executes none, and a changed setting reruns exactly the
+stages after it (a new learning rate reruns training and the finetuned model's evaluations, never the base
+model's). The parent run carries every metric as `base.<name>` and `finetuned.<name>`, plus `delta.<name>`
+(finetuned less base), so runs compare side by side.
 
     llama2-pipeline run --config configs/pipeline/demo.yaml [key.path=value ...]
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 
 from prefect import allow_failure, flow, runtime
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 
-from flows.common import Inputs, outcome
+from flows.common import Inputs
 from flows.prepare_data import prepare_data
 from llama.config.loader import CONFIG_ROOT, as_overrides, config_file, resolve_path
 from llama.config.pipeline import check_pipeline_config
@@ -32,7 +31,7 @@ from llama.config.train import load_train_config
 from llama.errors import PipelineError
 from tasks import evaluate, model, train
 from tasks.cache import code_version
-from tasks.tracking import Run
+from tasks.tracking import Run, run_address
 
 
 def _code_tags() -> dict[str, str]:
@@ -47,52 +46,15 @@ def _code_tags() -> dict[str, str]:
     return tags
 
 
-class Stages:
-    """The MLflow side of a flow run: the parent run, and a nested run per stage."""
-
-    def __init__(self, name: str, settings: dict):
-        # named after the Prefect flow run ("demo: witty-lynx"), so runs are told apart in MLflow's charts and
-        # comparisons, and each leads to its Prefect run by name as by the id tag
-        flow_run = runtime.flow_run
-        self.parent = Run.start(f"{name}: {flow_run.name}" if flow_run.name else name, tags={
-            "pipeline": name, "prefect_flow_run_id": str(flow_run.id or ""),
-            "prefect_flow_run_name": str(flow_run.name or ""), **_code_tags()})
-        self.parent.log_params(settings)
-        self.outcomes: dict[str, str] = {}
-
-    def note(self, outcomes: dict[str, str]) -> None:
-        """Record tasks' outcomes; a task that ran anywhere in this flow run counts as ran (a source is
-        downloaded once, then found in the cache by the next stage that needs it)."""
-        for task_name, how in outcomes.items():
-            if self.outcomes.get(task_name) != "ran":
-                self.outcomes[task_name] = how
-
-    def start(self, stage: str, tags: dict[str, str] | None = None) -> Run:
-        return Run.start(stage, parent=self.parent, tags={"stage": stage, **(tags or {})})
-
-    def finish(self, stage: str, run: Run, future, log=None) -> dict:
-        """Wait for a stage's task, note whether it ran or came from cache, `log(run, result, outcome)`, close
-        the stage's run."""
-        try:
-            result = future.result()
-            self.note({stage: outcome(future)})
-            if log is not None:
-                log(run, result, self.outcomes[stage])
-        except BaseException:
-            run.end("FAILED")
-            raise
-        run.set_tags({"cached": self.outcomes[stage] == "cached"})
-        run.end()
-        _summarize_in_prefect(stage, self.outcomes[stage], result)
-        return result
-
-
-def _summarize_in_prefect(stage: str, how: str, result: dict) -> None:
-    """A table artifact per stage, so the Prefect UI shows what each stage produced."""
-    rows = [{"key": key, "value": json.dumps(value) if isinstance(value, (dict, list)) else str(value)}
-            for key, value in result.items() if not isinstance(value, (dict, list)) or len(str(value)) < 200]
-    create_table_artifact([{"key": "outcome", "value": how}, *rows], key=f"stage-{stage}".lower().replace("_", "-"),
-                          description=f"{stage}: {how}")
+def _start_parent_run(name: str, settings: dict) -> Run:
+    """The flow run's MLflow run, named after the Prefect flow run ("demo: witty-lynx") so runs are told apart
+    in MLflow's charts and comparisons, each leading to its Prefect run by name as by the id tag."""
+    flow_run = runtime.flow_run
+    parent = Run.start(f"{name}: {flow_run.name}" if flow_run.name else name, tags={
+        "pipeline": name, "prefect_flow_run_id": str(flow_run.id or ""),
+        "prefect_flow_run_name": str(flow_run.name or ""), **_code_tags()})
+    parent.log_params(settings)
+    return parent
 
 
 MODELS = ("base", "finetuned")  # the converted weights; the trained, merged model
@@ -104,17 +66,19 @@ def pipeline(config: str = "configs/pipeline/demo.yaml", overrides: list[str] | 
     """Prepare data, convert weights, evaluate, train, merge, evaluate again and register, as the config says."""
     settings, base = check_pipeline_config(config, overrides)
     name = settings.get("name", "pipeline")
-    stages = Stages(name, settings)
+    parent = _start_parent_run(name, settings)
     try:
-        result = _run(settings, base, work_dir, mirror, stages)
+        result = _run(settings, base, work_dir, mirror, parent.run_id)
     except BaseException:
-        stages.parent.end("FAILED")
+        parent.end("FAILED")
         raise
-    stages.parent.log_metrics(result["metrics"])
-    stages.parent.end()
-    result.update(mlflow_run_id=stages.parent.run_id, tasks=stages.outcomes)
+    parent.log_metrics(result["metrics"])
+    parent.end()
+    result["mlflow_run_id"] = parent.run_id
     table = comparison(result["metrics"])
-    create_markdown_artifact("| metric | base | finetuned | change |\n|---|---|---|---|\n" + "".join(
+    # the way back from the Prefect flow run to its MLflow run (which names the flow run in its tags)
+    create_markdown_artifact(f"MLflow: {run_address(parent)}\n\n| metric | base | finetuned | change |\n"
+                             "|---|---|---|---|\n" + "".join(
         f"| {metric} | {_number(before)} | {_number(after)} | {_number(change, sign=True)} |\n"
         for metric, before, after, change in table), key="pipeline-metrics", description=f"{name}: evaluation metrics")
     print(f"{'metric':>32} {'base':>12} {'finetuned':>12} {'change':>12}")
@@ -134,73 +98,83 @@ def _number(value: float | None, sign: bool = False) -> str:
     return "-" if value is None else f"{value:+.4f}" if sign else f"{value:.4f}"
 
 
-def _run(settings: dict, base, work_dir: str, mirror: str | None, stages: Stages) -> dict:
+def _run(settings: dict, base, work_dir: str, mirror: str | None, parent: str) -> dict:
+    """The seed README's sections in order, each a stage task that owns its MLflow run under `parent`."""
     resolve = Inputs(settings, base, work_dir, mirror)
     model_settings, train_settings = settings["model"], settings.get("train")
     tokenizer = resolve(model_settings["tokenizer"]) if model_settings.get("tokenizer") else None
+    outcomes: dict[str, str] = {}
 
-    # Weight conversion starts while the data flow runs, unless the data needs the tokenizer the weights
+    def note(more: dict[str, str]) -> None:
+        """Tasks' outcomes; one that ran anywhere in this flow run counts as ran (a source is downloaded once,
+        then found in the cache by the next stage that needs it)."""
+        outcomes.update({name: how for name, how in more.items() if outcomes.get(name) != "ran"})
+
+    def finished(stage: str, future) -> dict:
+        result = future.result()
+        note({stage: result["outcome"]})
+        return result
+
+    # Weight conversion: runs while the data is prepared, unless the data needs the tokenizer the weights
     # bring (a GGUF file carries its own): then the records are tokenized with the converted one.
-    convert_run = stages.start("convert")
-    converted = model.convert.submit(resolve(model_settings["weights"]), work_dir, model_settings.get("format", "ckpt"),
-                                     model_settings.get("dtype"), tokenizer,
-                                     _model_config_file(model_settings.get("model_config"), base))
-
-    def finish_convert() -> dict:
-        return stages.finish("convert", convert_run, converted, lambda run, result, _: run.log_params(result))
-
-    base_checkpoint = data_tokenizer = None
+    converting = model.convert_stage.submit("convert", parent, {
+        "source": resolve(model_settings["weights"]), "work_dir": work_dir, "fmt": model_settings.get("format", "ckpt"),
+        "dtype": model_settings.get("dtype"), "tokenizer": tokenizer,
+        "model_config": _model_config_file(model_settings.get("model_config"), base)})
+    converted = data_tokenizer = None
     if tokenizer is None:
-        base_checkpoint = finish_convert()
-        tokenizer = data_tokenizer = base_checkpoint["tokenizer"]
+        converted = finished("convert", converting)
+        tokenizer = data_tokenizer = converted["tokenizer"]
         if tokenizer is None:
             raise PipelineError(f"{model_settings['weights']} carries no tokenizer: set model.tokenizer")
+
+    # Dataset preparation
     data = prepare_data(config=str(resolve_path(settings["data"], base)), work_dir=work_dir, mirror=mirror,
-                        parent_run_id=stages.parent.run_id, tokenizer=data_tokenizer)
-    stages.note(data["tasks"])
-    datasets = data["datasets"]
-    base_checkpoint = base_checkpoint or finish_convert()
-    evaluation = Evaluation(settings.get("evaluate") or {}, datasets, resolve, work_dir, stages)
-    checkpoint, trained, recipe_name, adapter = base_checkpoint["checkpoint"], {}, None, None
+                        parent_run_id=parent, tokenizer=data_tokenizer)
+    note(data["tasks"])
+    datasets = {name: summary["output"] for name, summary in data["datasets"].items()}
+    converted = converted or finished("convert", converting)
+    checkpoint, adapter, trained, recipe_name = converted["checkpoint"], None, {}, None
+
+    # Training, then merging the trained weights into one checkpoint (prefix tuning has no weights to merge:
+    # evaluations load its run beside the base)
     if train_settings:
-        if train_settings["dataset"] not in datasets:
-            raise PipelineError(f"train.dataset {train_settings['dataset']!r} is not a dataset of {settings['data']}")
         recipe = resolve_path(train_settings["recipe"], base)
         recipe_name = recipe.stem
         train_config = load_train_config(recipe, as_overrides(train_settings.get("set") or {})).to_dict()
-        train_run = stages.start("train")
-        train_run.log_params({"recipe": recipe.name, **train_config})
-        train_run.log_dataset(train_settings["dataset"], datasets[train_settings["dataset"]]["output"], "training")
-        trained = stages.finish("train", train_run, train.train.submit(
-            recipe_name, train_config, datasets[train_settings["dataset"]]["output"], checkpoint, work_dir,
-            train_run.run_id), lambda run, result, how: train.log_training(run, result, how == "cached"))
-        if train_config["pet"]["type"] == "prefix":   # no weights to merge: evaluations load it beside its base
+        dataset = train_settings["dataset"]
+        trained = finished("train", train.train_stage.submit(
+            "train", parent, {"recipe_name": recipe_name, "config": train_config, "data": datasets[dataset],
+                              "base": checkpoint, "work_dir": work_dir},
+            params={"recipe": recipe.name, **train_config}, inputs={dataset: datasets[dataset]}))
+        if train_config["pet"]["type"] == "prefix":
             adapter = trained["output_dir"]
         else:
-            merge_run = stages.start("merge")
-            checkpoint = stages.finish("merge", merge_run, train.merge.submit(
-                trained["output_dir"], base_checkpoint["checkpoint"], tokenizer, work_dir,
-                settings.get("merge", {}).get("format", "ckpt")))["checkpoint"]
+            checkpoint = finished("merge", train.merge_stage.submit("merge", parent, {
+                "run_dir": trained["output_dir"], "base": converted["checkpoint"], "tokenizer": tokenizer,
+                "work_dir": work_dir, "fmt": settings.get("merge", {}).get("format", "ckpt")}))["checkpoint"]
 
-    evaluation.submit({"base": (base_checkpoint["checkpoint"], None),
-                       **({"finetuned": (checkpoint, adapter)} if train_settings else {})})
-    results = evaluation.collect()
+    # Evaluation of the base and the finetuned model
+    evaluation = Evaluation(settings.get("evaluate") or {}, datasets, resolve, work_dir, parent)
+    results = evaluation.run({"base": (converted["checkpoint"], None),
+                              **({"finetuned": (checkpoint, adapter)} if train_settings else {})})
+    note(evaluation.outcomes)
     metrics = {f"{name}.{key}": value for name, values in results.items() for key, value in values.items()}
     if len(results) == len(MODELS):
         metrics.update({f"delta.{key}": value - results["base"][key]
                         for key, value in results["finetuned"].items() if key in results["base"]})
     metrics.update({f"train_{k}": trained[k] for k in ("first_loss", "final_loss") if trained.get(k) is not None})
 
-    # Register the final model with its own metrics.
+    # Register the final model with its own metrics
     registered = None
     if settings.get("register"):
-        register_run = stages.start("register")
-        registered = stages.finish("register", register_run, model.register.submit(
-            checkpoint, settings["register"]["model_name"], results.get("finetuned" if trained else "base", {}),
-            register_run.run_id, {"pipeline": settings.get("name", "pipeline"), "train_recipe": recipe_name or "none",
-                                  **({"adapter": adapter} if adapter else {})}))
-    stages.note(resolve.outcomes())
-    return {"metrics": metrics, "checkpoint": checkpoint, "registered": registered}
+        registered = finished("register", model.register_stage.submit("register", parent, {
+            "checkpoint": checkpoint, "name": settings["register"]["model_name"],
+            "metrics": results.get("finetuned" if trained else "base", {}),
+            "tags": {"pipeline": settings.get("name", "pipeline"), "train_recipe": recipe_name or "none",
+                     **({"adapter": adapter} if adapter else {})}}))
+    note(resolve.outcomes())
+    return {"metrics": metrics, "checkpoint": checkpoint, "registered": registered, "tasks": outcomes}
 
 
 def _model_config_file(value: str | None, base) -> str | None:
@@ -215,67 +189,58 @@ EVALUATION_METRICS = ("ppl_", "squad_", "word_", "byte_")
 
 
 class Evaluation:
-    """The `evaluate` section, run on each model: perplexity per convention, SQuAD and samples, each an MLflow
-    stage run named `<evaluation>-<model>` and tagged with the model. An evaluation block may list the
-    `models` it runs on (default: all)."""
+    """The `evaluate` section, run on each model: perplexity per convention, SQuAD and samples, each a stage
+    named `<evaluation>-<model>` and tagged with the model. An evaluation block may list the `models` it runs
+    on (default: all)."""
 
-    def __init__(self, settings: dict, datasets: dict, resolve: Inputs, work_dir: str, stages: Stages):
+    STAGES = {"perplexity": evaluate.perplexity_stage, "squad": evaluate.squad_stage, "samples": evaluate.samples_stage}
+
+    def __init__(self, settings: dict, datasets: dict[str, str], resolve: Inputs, work_dir: str, parent: str):
         self.settings, self.datasets, self.resolve = settings, datasets, resolve
-        self.work_dir, self.stages = work_dir, stages
-        self.jobs: list[tuple] = []  # (model, stage, MLflow run, future, log)
-
-    def _data(self, value: str):
-        return self.datasets[value]["output"] if value in self.datasets else self.resolve(value)
+        self.work_dir, self.parent = work_dir, parent
+        self.outcomes: dict[str, str] = {}
 
     def _blocks(self):
-        """(evaluation, options, models it runs on) of every configured evaluation."""
-        blocks = [(f"perplexity-{convention}", options)
+        """(evaluation, its stage task, options, models it runs on) of every configured evaluation."""
+        blocks = [(f"perplexity-{convention}", "perplexity", {**options, "convention": convention})
                   for convention, options in (self.settings.get("perplexity") or {}).items()]
-        blocks += [(kind, self.settings[kind]) for kind in ("squad", "samples") if self.settings.get(kind)]
-        for evaluation, options in blocks:
+        blocks += [(kind, kind, self.settings[kind]) for kind in ("squad", "samples") if self.settings.get(kind)]
+        for evaluation, kind, options in blocks:
             options = dict(options)
-            yield evaluation, options, options.pop("models", MODELS)
+            yield evaluation, kind, options, options.pop("models", MODELS)
 
-    def submit(self, models: dict[str, tuple[str, str | None]]) -> None:
-        """Start every evaluation of the models (name: (checkpoint, unmerged prefix `adapter` run or None)),
-        each evaluation on every model in turn: a task waits for the one before it, whatever its outcome."""
-        previous = None
-        for evaluation, options, runs_on in self._blocks():
+    def _arguments(self, kind: str, options: dict, checkpoint: str, adapter: str | None) -> tuple[dict, dict]:
+        """The stage task's arguments, and the datasets it reads (name: path)."""
+        arguments = {"checkpoint": checkpoint, "work_dir": self.work_dir, "adapter": adapter}
+        if kind == "samples":
+            return {**arguments, "prompts": options.pop("prompts"), "settings": options}, {}
+        dataset = options.pop("data")
+        if kind == "perplexity":
+            arguments["convention"] = options.pop("convention")
+        if dataset in self.datasets:   # prepared records
+            return {**arguments, "data": self.datasets[dataset], "settings": options}, {dataset: self.datasets[dataset]}
+        return {**arguments, "data": self.resolve(dataset), "settings": options}, {}
+
+    def run(self, models: dict[str, tuple[str, str | None]]) -> dict[str, dict[str, float]]:
+        """Every evaluation of the models (name: (checkpoint, unmerged prefix `adapter` run or None)), each
+        evaluation on every model in turn, one at a time (a task waits for the one before it, whatever its
+        outcome, so the second model reuses the first's compiled graphs); the metrics of each model."""
+        jobs, previous = [], None
+        for evaluation, kind, options, runs_on in self._blocks():
             for model_name, (checkpoint, adapter) in models.items():
                 if model_name not in runs_on:
                     continue
                 stage = f"{evaluation}-{model_name}"
-                run = self.stages.start(stage, {"evaluation": evaluation, "model": model_name})
-                if options.get("data") in self.datasets:   # prepared records (a raw source is still downloading)
-                    run.log_dataset(options["data"], self._data(options["data"]), "evaluation")
-                wait_for = [allow_failure(previous)] if previous is not None else None
-                future, log = self._start(evaluation, checkpoint, adapter, dict(options), stage, wait_for)
-                self.jobs.append((model_name, stage, run, future, log))
-                previous = future
-
-    def _start(self, evaluation: str, checkpoint: str, adapter: str | None, options: dict, stage: str, wait_for):
-        """The future of one evaluation's task, and how its result is logged: `log(run, result, outcome)`."""
-        named = {"task_run_name": stage}
-        if evaluation == "samples":
-            prompts = options.pop("prompts")
-            return (evaluate.samples.with_options(**named).submit(checkpoint, prompts, options, self.work_dir,
-                                                                  adapter, wait_for=wait_for),
-                    lambda run, result, _: evaluate.log_samples(run, result))
-        dataset = options.pop("data")
-        if evaluation == "squad":
-            return (evaluate.squad.with_options(**named).submit(checkpoint, self._data(dataset), options,
-                                                                self.work_dir, adapter, wait_for=wait_for),
-                    lambda run, result, _: evaluate.log_squad(run, result, dataset))
-        convention = evaluation.removeprefix("perplexity-")
-        return (evaluate.perplexity.with_options(**named).submit(checkpoint, self._data(dataset), convention, options,
-                                                                 self.work_dir, adapter, wait_for=wait_for),
-                lambda run, result, _: evaluate.log_perplexity(run, result, dataset))
-
-    def collect(self) -> dict[str, dict[str, float]]:
-        """Wait for every evaluation and log it; the metrics of each model, by model."""
+                arguments, inputs = self._arguments(kind, dict(options), checkpoint, adapter)
+                tags = {"evaluation": evaluation, "model": model_name,
+                        **({"dataset": options["data"]} if "data" in options else {})}
+                previous = self.STAGES[kind].submit(stage, self.parent, arguments, tags=tags, inputs=inputs,
+                                                    wait_for=[allow_failure(previous)] if previous else None)
+                jobs.append((model_name, stage, previous))
         metrics: dict[str, dict[str, float]] = {}
-        for model_name, stage, run, future, log in self.jobs:
-            result = self.stages.finish(stage, run, future, log)
+        for model_name, stage, job in jobs:
+            result = job.result()
+            self.outcomes[stage] = result["outcome"]
             metrics.setdefault(model_name, {}).update(
                 {k: v for k, v in result.items() if isinstance(v, float) and k.startswith(EVALUATION_METRICS)})
         return metrics

@@ -8,16 +8,12 @@ Alpaca (finetuning) and SQuAD 1.1 (reading comprehension) run concurrently, ever
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 
 from flows.common import Inputs, outcome
 from llama.config.pipeline import load_flow_config
 from llama.errors import PipelineError
-from llama.fileio import MANIFEST
-from tasks.data import preprocess
-from tasks.tracking import Run
+from tasks.data import preprocess, record_prepared_data
 
 DATASET_KEYS = ("kind", "input")
 
@@ -46,21 +42,7 @@ def prepare_data(config: str = "configs/data/tiny.yaml", overrides: list[str] | 
     results = {name: job.result() for name, job in jobs.items()}
     tasks = resolve.outcomes()
     tasks.update({f"preprocess-{name}": outcome(job) for name, job in jobs.items()})
-    run_id = _track(settings, results, parent_run_id)
+    run_id = record_prepared_data(settings, results, parent_run_id)
     for name, summary in results.items():
         print(f"{name}: {summary['rows']} rows → {summary['output']} ({tasks[f'preprocess-{name}']})")
     return {"datasets": results, "tasks": tasks, "mlflow_run_id": run_id}
-
-
-def _track(settings: dict, results: dict, parent_run_id: str | None) -> str:
-    """A run for the data stage (nested under the pipeline's run when there is one), with one input per dataset."""
-    run = Run.start("prepare-data", parent=parent_run_id, tags={"stage": "prepare-data"})
-    run.log_params({"data": settings})
-    for name, summary in results.items():
-        run.log_metrics({f"{name}.rows": summary["rows"], f"{name}.dropped": summary.get("dropped", 0),
-                         f"{name}.truncated": summary.get("truncated", 0)})
-        run.log_artifact(Path(summary["output"]) / MANIFEST, f"manifests/{name}")
-        run.log_dataset(name, summary["output"], context="prepared",
-                        profile={"rows": summary["rows"], "row_length": summary["row_length"]})
-    run.end()
-    return run.run_id

@@ -1,13 +1,18 @@
-"""Prefect tasks for the data stages: download a source, tokenize a dataset into MindRecord."""
+"""Prefect tasks for the data stages: download a source, tokenize a dataset into MindRecord, and the data
+stage's MLflow run."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import task
 
 from llama import download
 from llama.data import alpaca, records, squad, wiki
 from llama.errors import PipelineError
+from llama.fileio import MANIFEST
 from tasks.cache import CachedStage, content_digest, forget_cached_result, verified_by
+from tasks.tracking import Run
 
 PREPROCESSORS = {
     "wiki": (wiki.preprocess_wiki, "seq_length"),
@@ -60,3 +65,19 @@ def preprocess(name: str, kind: str, input: str, tokenizer: str, settings: dict,
     length = options.pop(length_key)
     run(input, tokenizer, length, out, overwrite=True, **options)
     return {"name": name, **records.summarize(out, records.verify(out))}
+
+
+@task(name="record-prepared-data", task_run_name="prepare-data")
+def record_prepared_data(settings: dict, results: dict, parent_run_id: str | None) -> str:
+    """The data stage's MLflow run (nested under the pipeline's run when there is one): its config, rows per
+    dataset, each records manifest, and one input per dataset; returns the run's id."""
+    run = Run.start("prepare-data", parent=parent_run_id, tags={"stage": "prepare-data"})
+    run.log_params({"data": settings})
+    for name, summary in results.items():
+        run.log_metrics({f"{name}.rows": summary["rows"], f"{name}.dropped": summary.get("dropped", 0),
+                         f"{name}.truncated": summary.get("truncated", 0)})
+        run.log_artifact(Path(summary["output"]) / MANIFEST, f"manifests/{name}")
+        run.log_dataset(name, summary["output"], context="prepared",
+                        profile={"rows": summary["rows"], "row_length": summary["row_length"]})
+    run.end()
+    return run.run_id

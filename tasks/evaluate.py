@@ -13,6 +13,7 @@ from llama.eval.squad import evaluate_squad
 from llama.fileio import verify_manifest, write_json_atomic, write_manifest
 from tasks.cache import CachedStage, verified_by
 from tasks.runtime import one_model
+from tasks.stage import stage_task
 from tasks.tracking import Run
 
 RESULT = "result.json"
@@ -76,19 +77,24 @@ def samples(checkpoint: str, prompts: list[str], settings: dict, work_dir: str, 
     return {"samples": str(path), "completions": result["completions"]}
 
 
-def log_perplexity(run: Run, result: dict, dataset: str) -> None:
+def log_perplexity(run: Run, result: dict, cached: bool) -> None:
     run.log_metrics({k: v for k, v in result.items() if k.startswith(("ppl_", "loss_", "word_", "byte_", "bits_"))})
-    run.set_tags({"dataset": dataset, "convention": result["convention"]})
+    run.set_tags({"convention": result["convention"]})
 
 
-def log_squad(run: Run, result: dict, dataset: str) -> None:
+def log_squad(run: Run, result: dict, cached: bool) -> None:
     run.log_metrics({k: v for k, v in result.items() if k.startswith("squad_")})
-    run.set_tags({"dataset": dataset, "split": "dev", "normalisation": "official: SQuAD v1.1 normalize_answer; "
+    run.set_tags({"split": "dev", "normalisation": "official: SQuAD v1.1 normalize_answer; "
                   "mindformers: EmF1Metric (first line, jieba-style segments, longest common run)"})
     predictions = Path(result["output"])
     run.log_artifacts(sorted(p for p in predictions.iterdir() if p.is_file()), "squad")
 
 
-def log_samples(run: Run, result: dict) -> None:
+def log_samples(run: Run, result: dict, cached: bool) -> None:
     run.log_artifact(result["samples"], "samples")
     run.set_tags({"sample.0": json.dumps(result["completions"][0])[:500]})
+
+
+perplexity_stage = stage_task(perplexity, log=log_perplexity, context="evaluation")
+squad_stage = stage_task(squad, log=log_squad, context="evaluation")
+samples_stage = stage_task(samples, log=log_samples, context="evaluation")

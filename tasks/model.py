@@ -14,6 +14,7 @@ from llama.errors import PipelineError
 from llama.weights.source import open_checkpoint, verify_folder
 from llama.weights.writer import write_checkpoint
 from tasks.cache import CachedStage, verified_by
+from tasks.stage import stage_task
 from tasks.tracking import tracking_uri
 
 
@@ -33,6 +34,9 @@ def convert(source: str, work_dir: str, fmt: str = "ckpt", dtype: str | None = N
     manifest = write_checkpoint(opened, out, fmt, dtype, tokenizer, overwrite=True, progress=False)
     return {"checkpoint": str(out), "source_format": opened.kind, "format": fmt, "dtype": manifest["dtype"],
             "parameters": manifest["parameters"], "tokenizer": _own_tokenizer(out)}
+
+
+convert_stage = stage_task(convert, log=lambda run, result, cached: run.log_params(result))
 
 
 def _own_tokenizer(folder: Path) -> str | None:
@@ -86,3 +90,6 @@ def register(checkpoint: str, name: str, metrics: dict, run_id: str, tags: dict 
         mlflow.MlflowClient().set_model_version_tag(name, str(version_number), f"metric.{key}", str(value))
     return {"model_name": name, "version": version_number, "run_id": run_id,
             "model_uri": f"models:/{name}/{logged.registered_model_version}", "model_id": logged.model_id}
+
+
+register_stage = stage_task(register)

@@ -33,6 +33,15 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+def run_address(run: "Run") -> str:
+    """Where a run is seen: its page in the MLflow UI when the store is a tracking server, else its id and store."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        experiment = run.client.get_run(run.run_id).info.experiment_id
+        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run.run_id}"
+    return f"run {run.run_id} in {uri}"
+
+
 def client():
     from mlflow.tracking import MlflowClient
 

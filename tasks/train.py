@@ -16,6 +16,7 @@ from llama.train.trainer import train as train_model
 from llama.weights.source import verify_folder
 from tasks.cache import CachedStage, verified_by
 from tasks.runtime import one_model
+from tasks.stage import stage_task
 from tasks.tracking import Run
 
 STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "loss_scale")
@@ -64,11 +65,11 @@ class StepLogger:
         self.run.log_metrics({key: metrics[key] for key in STEP_METRICS if key in metrics}, step=step)
 
 
-def log_training(run: Run, result: dict, replay_steps: bool) -> None:
+def log_training(run: Run, result: dict, cached: bool) -> None:
     """The finished run's summary, plots of loss and learning rate, and (for a cached run) its step metrics."""
     folder = Path(result["output_dir"])
     steps = [json.loads(line) for line in (folder / METRICS_FILE).read_text().splitlines() if line.strip()]
-    if replay_steps:
+    if cached:
         log_step = StepLogger(run)
         for entry in steps:
             log_step(entry["step"], entry)
@@ -99,6 +100,9 @@ def plot_curves(steps: list[dict], path: Path) -> Path:
     return path
 
 
+train_stage = stage_task(train, log=log_training, context="training")
+
+
 MERGE = CachedStage("merge", calls=("llama.train.merge",), file_params=("run_dir", "base", "tokenizer"),
                     outputs_valid=verified_by(verify_folder))
 
@@ -110,3 +114,6 @@ def merge(run_dir: str, base: str | None, tokenizer: str | None, work_dir: str, 
     out = MERGE.output_dir(locals())
     summary = merge_checkpoints(run_dir, out, fmt=fmt, base=base, tokenizer=tokenizer, overwrite=True)
     return {**summary, "checkpoint": str(out)}
+
+
+merge_stage = stage_task(merge)

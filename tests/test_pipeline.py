@@ -84,7 +84,9 @@ def test_demo_evaluates_base_and_finetuned_reruns_from_cache_and_reruns_only_wha
         {i.dataset.digest for i in stages["prepare-data"].inputs.dataset_inputs}   # the same data, by content
     version = client.get_model_version("llama2-tiny", first["registered"]["version"])
     assert float(version.tags["metric.ppl_mindformers"]) == pytest.approx(metrics["finetuned.ppl_mindformers"])
-    assert {"pipeline-metrics", "stage-train", "stage-squad-base", "stage-squad-finetuned"} <= _prefect_artifact_keys()
+    artifacts = _prefect_artifacts()
+    assert {"pipeline-metrics", "stage-train", "stage-squad-base", "stage-squad-finetuned"} <= set(artifacts)
+    assert f"run {parent.info.run_id} in {tracking_uri()}" in artifacts["pipeline-metrics"]   # and back to MLflow
 
     second = pipeline(config=CONFIG, overrides=quick, work_dir=work)
     assert set(second["tasks"].values()) == {"cached"}
@@ -110,11 +112,12 @@ def test_demo_evaluates_base_and_finetuned_reruns_from_cache_and_reruns_only_wha
     assert fourth["metrics"] == third["metrics"]
 
 
-def _prefect_artifact_keys() -> set[str]:
+def _prefect_artifacts() -> dict[str, str]:
+    """The latest content of each keyed Prefect artifact."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as prefect:
-        return {artifact.key for artifact in prefect.read_artifacts()}
+        return {artifact.key: str(artifact.data) for artifact in prefect.read_latest_artifacts()}
 
 
 def test_flows_keep_prefect_telemetry_off_unless_asked():

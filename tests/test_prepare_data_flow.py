@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def _config(tmp_path, fixtures, tokenizer):
     config = {
-        "sources": str(fixtures.parent.parent / "configs" / "data" / "bundled_sources.yaml"),
+        "sources": str(fixtures.parent.parent / "configs" / "bundled_sources.yaml"),
         "tokenizer": str(tokenizer),
         "datasets": {
             "wiki_train": {"kind": "wiki", "input": "wiki_slice", "seq_length": 64, "mode": "mindformers"},
