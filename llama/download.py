@@ -40,11 +40,12 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 from llama.cli import add_command
+from llama.config.loader import CONFIG_ROOT
 from llama.errors import PipelineError
 from llama.fileio import CHUNK, atomic_path, sha256_file
 from llama.progress import Progress
 
-DEFAULT_SOURCES = Path(__file__).resolve().parent.parent / "configs" / "sources.yaml"
+DEFAULT_SOURCES = CONFIG_ROOT / "sources.yaml"
 DEFAULT_CACHE = Path("work") / "cache"
 MIRROR_ENV = "LLAMA2_PIPELINE_MIRROR"
 USER_AGENT = "llama2-pipeline"

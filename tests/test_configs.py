@@ -1,6 +1,7 @@
 """Every shipped pipeline config parses and refers to recipes, data configs, datasets and sources that exist."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,33 @@ def test_an_unknown_config_name_is_one_line_listing_the_shipped_ones(capfd):
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: no train config named 'lora_llama2_8b' (shipped: ")
     assert "lora_llama2_7b" in err and "tiny_lora" in err
+
+
+def test_a_wheel_ships_every_config_and_finds_them_by_name(tmp_path):
+    """Built from a copy of the sources (nothing is written into the checkout), installed with `--prefix`,
+    imported from there: `--config NAME` resolves to the installed copy."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"
+    for folder in ("llama", "tasks", "flows", "configs"):
+        shutil.copytree(CONFIGS.parent / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for file in ("pyproject.toml", "README.md"):
+        shutil.copy(CONFIGS.parent / file, source / file)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", source],
+                   check=True, capture_output=True)
+    wheel, = (tmp_path / "dist").glob("*.whl")
+    shipped = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
+    in_wheel = {name.split("/configs/", 1)[1] for name in zipfile.ZipFile(wheel).namelist() if "/configs/" in name}
+    assert in_wheel == shipped
+    prefix = tmp_path / "prefix"
+    subprocess.run([*pip, "install", "--no-deps", "--no-compile", "--prefix", prefix, wheel], check=True,
+                   capture_output=True)
+    site, = prefix.glob("lib/python*/site-packages")
+    found = subprocess.run([sys.executable, "-c", "from llama.config.loader import config_file\n"
+                            "print(config_file('tiny_lora', 'train'))"], cwd=tmp_path, capture_output=True,
+                           text=True, check=True, env={**os.environ, "PYTHONPATH": str(site)})
+    assert Path(found.stdout.strip()) == prefix.resolve() / "share/llama2-pipeline/configs/train/tiny_lora.yaml"

@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import re
+import sysconfig
 from pathlib import Path
 from typing import Iterable
 
@@ -51,7 +52,18 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
+def _shipped_root() -> Path:
+    """configs/ of the source tree (a checkout, or an editable install of one), else the copy a wheel installs
+    as data (pyproject.toml's data-files: <prefix>/share/llama2-pipeline/configs, the prefix found from where
+    this package is installed, as pip lays out a venv, `--user` or `--prefix` install)."""
+    site = Path(__file__).resolve().parents[2]          # the folder holding the `llama` package
+    if (site / "configs").is_dir():
+        return site / "configs"
+    to_prefix = os.path.relpath(sysconfig.get_path("data"), sysconfig.get_path("purelib"))
+    return (site / to_prefix / "share" / "llama2-pipeline" / "configs").resolve()
+
+
+CONFIG_ROOT = _shipped_root()
 CONFIG_KINDS = ("pipeline", "data", "train", "model")
 
 
