@@ -94,8 +94,9 @@ def test_a_wheel_ships_every_config_and_finds_them_by_name(tmp_path):
     in_wheel = {name.split("/configs/", 1)[1] for name in zipfile.ZipFile(wheel).namelist() if "/configs/" in name}
     assert in_wheel == shipped
     prefix = tmp_path / "prefix"
-    subprocess.run([*pip, "install", "--no-deps", "--no-compile", "--prefix", prefix, wheel], check=True,
-                   capture_output=True)
+    # --ignore-installed: else pip first uninstalls this environment's own (editable) install of the project
+    subprocess.run([*pip, "install", "--no-deps", "--no-compile", "--ignore-installed", "--prefix", prefix, wheel],
+                   check=True, capture_output=True)
     site, = prefix.glob("lib/python*/site-packages")
     found = subprocess.run([sys.executable, "-c", "from llama.config.loader import config_file\n"
                             "print(config_file('tiny_lora', 'train'))"], cwd=tmp_path, capture_output=True,
