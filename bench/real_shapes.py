@@ -1,24 +1,26 @@
 """Benchmark: speed at real model shapes beside PyTorch (random weights, so nothing is downloaded).
 
-    .venv/bin/python bench/real_shapes.py [--part 135m|7b-layer|compile|all] [--repeats 3]
+    .venv/bin/python bench/real_shapes.py [--part 135m|7b-float32|7b-float16|7b-train|compile|all] [--repeats 3]
 
 135m      SmolLM2-135M's shape (30 layers, hidden 576, FFN 1536, 9 query / 3 kv heads, vocab 49,152, tied
           embeddings): a perplexity forward over 8 rows of 512 tokens, a full-finetune training step (batch
           4 x 256, AdamW), a LoRA step (rank 8 on q/k/v/o; the peer is transformers + peft), and generation at
           batch 1 and 8 (64 new tokens after a 128-token prompt).
-7b-layer  two decoder layers at Llama-2-7B's width (hidden 4096, FFN 11008, 32 heads, vocab 32000): a forward
-          over 512 tokens in float32 and float16; a training step (batch 1 x 512, float32) of one such layer
+7b-*      two decoder layers at Llama-2-7B's width (hidden 4096, FFN 11008, 32 heads, vocab 32000): a forward
+          over 512 tokens in float32 and in float16; a training step (batch 1 x 512, float32) of one such layer
           (embeddings and output projection frozen, so both sides fit in memory at once).
 compile   the first call of a perplexity forward (8 x 256) at hidden 576 with 2, 30 and 80 layers beside its
           steady time: the difference is what compiling costs (PyTorch's eager first call is there for scale).
 
 Workloads run side by side, round by round (bench/sidebyside.py), and each ratio is the median of the
 per-round ratios, ours over PyTorch's; above 1 we are faster. Without torch and transformers only ours runs.
+`all` runs each part in a process of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,16 +67,19 @@ def part_135m(repeats: int) -> None:
                   lambda targets=targets: train_bench.transformers_peer(batch, 1, config, targets), repeats)
 
 
-def part_7b_layer(repeats: int) -> None:
+def part_7b_forward(dtype: str, repeats: int) -> None:
     from llama.config.model import ModelConfig
 
-    for dtype in ("float32", "float16"):
-        config = ModelConfig(**LLAMA2_7B_WIDTH, param_dtype=dtype, compute_dtype=dtype)
-        rows = random_rows(config.vocab_size, 1, 513)
-        run_sides(f"two Llama-2-7B-width layers, {dtype}: forward over 512 tokens",
-                  eval_bench.ours(config, rows, {}, 0),
-                  lambda config=config: eval_bench.transformers_peer(config, rows, {}, 0), repeats)
-    # one layer trained (embeddings and head frozen), so both sides' weights, gradients and AdamW states fit
+    config = ModelConfig(**LLAMA2_7B_WIDTH, param_dtype=dtype, compute_dtype=dtype)
+    rows = random_rows(config.vocab_size, 1, 513)
+    run_sides(f"two Llama-2-7B-width layers, {dtype}: forward over 512 tokens", eval_bench.ours(config, rows, {}, 0),
+              lambda: eval_bench.transformers_peer(config, rows, {}, 0), repeats)
+
+
+def part_7b_train(repeats: int) -> None:
+    """One layer trained (embeddings and head frozen), so both sides' weights, gradients and AdamW states fit."""
+    from llama.config.model import ModelConfig
+
     config = ModelConfig(**{**LLAMA2_7B_WIDTH, "num_layers": 1})
     batch = random_rows(config.vocab_size, 1, 513)
     run_sides("one Llama-2-7B-width layer, float32: training step of the layer, batch 1 x 512",
@@ -105,20 +110,30 @@ def part_compile() -> None:
         print(f"  {depth:>2} layers: " + "   ".join(cells), flush=True)
 
 
+PARTS = {
+    "135m": part_135m,
+    "7b-float32": lambda repeats: part_7b_forward("float32", repeats),
+    "7b-float16": lambda repeats: part_7b_forward("float16", repeats),
+    "7b-train": part_7b_train,
+    "compile": lambda repeats: part_compile(),
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("135m", "7b-layer", "compile", "all"), default="all")
+    parser.add_argument("--part", choices=(*PARTS, "all"), default="all")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.part == "all":
+        # one process per part: MindSpore keeps its memory pool for the life of a process, and the 7B-width
+        # parts do not fit beside each other's
+        failed = [part for part in PARTS if subprocess.run(
+            [sys.executable, __file__, "--part", part, "--repeats", str(args.repeats)]).returncode]
+        return 1 if failed else 0
     sys.path.insert(0, str(REPO))
     if not peer_installed():
         print("note: torch/transformers are not installed here: our side only")
-    if args.part in ("135m", "all"):
-        part_135m(args.repeats)
-    if args.part in ("7b-layer", "all"):
-        part_7b_layer(args.repeats)
-    if args.part in ("compile", "all"):
-        part_compile()
+    PARTS[args.part](args.repeats)
     return 0
 
 
