@@ -54,17 +54,18 @@ def test_token_nll_compiles_one_function_per_model_and_bounds_the_logits(hf_tiny
     assert forward_rows(128, 32000) == 32 and forward_rows(512, 49152) == 5 and forward_rows(4096, 128256) == 1
 
 
-def test_fewer_rows_than_a_forward_holds_pad_to_a_power_of_two_not_to_a_full_forward(hf_tiny):
-    """One row of a 7B-wide model padded to the 8 a forward holds cost 8x its forward."""
+def test_rows_split_into_equal_forwards_without_padding_rows(hf_tiny):
+    """A forward holds `rows`; fewer rows run alone, more split evenly: one row of a 7B-wide model padded to 8
+    cost 8x its forward, 8 rows at 5 a forward as 5 + 5 cost a quarter more than 4 + 4."""
     model, ids, reference = hf_tiny
-    nll = TokenNLL(model, rows=8)
+    nll = TokenNLL(model, rows=5)
     compiled, forwards = nll._nll, []
     nll._nll = lambda inputs, targets: forwards.append(inputs.shape[0]) or compiled(inputs, targets)
     one = nll(ids[:1, :-1], ids[:1, 1:])
-    three = nll(np.repeat(ids[:1, :-1], 3, 0), np.repeat(ids[:1, 1:], 3, 0))
-    assert forwards == [1, 4]
+    eight = nll(np.repeat(ids[:1, :-1], 8, 0), np.repeat(ids[:1, 1:], 8, 0))
+    assert forwards == [1, 4, 4]
     np.testing.assert_allclose(one[0], reference[0], rtol=1e-5)
-    np.testing.assert_allclose(three, np.repeat(one, 3, 0), rtol=1e-6)
+    np.testing.assert_allclose(eight, np.repeat(one, 8, 0), rtol=1e-6)
 
 
 def test_mindformers_perplexity_masks_pads_and_averages_batch_means(hf_tiny):

@@ -62,9 +62,10 @@ class TokenNLL:
         self.config.check_fits("data", ids=targets)
         width = inputs.shape[1]
         columns = max(width, self.length or 0) if self.padded else width
-        # fewer rows than a forward holds: pad them only to the next power of two, not to `self.rows` (one
-        # row of a 7B-wide model padded to 8 cost 8x the forward)
-        per_forward = min(self.rows, 1 << (len(inputs) - 1).bit_length()) if len(inputs) else self.rows
+        # as few forwards as `self.rows` allows, of equal size: 8 rows at 5 a forward run as 2 x 4, not 2 x 5 with
+        # 2 rows of padding, and 1 row runs alone (a 7B-wide model's row padded to 8 cost 8x its forward)
+        forwards = max(1, -(-len(inputs) // self.rows))
+        per_forward = max(1, -(-len(inputs) // forwards))
         out = np.empty(inputs.shape, dtype=np.float64)
         for start in range(0, len(inputs), per_forward):
             stop = min(start + per_forward, len(inputs))
