@@ -53,6 +53,7 @@ class TokenNLL:
 
         model.set_train(False)
         self.rows, self.length, self.config, self._tensor = rows, length, model.config, ms.Tensor
+        self._model = model
         self._nll = _compiled_nll(model)
         self.padded = runs_compiled(model)   # fixed shapes serve a compiled graph; eagerly they only cost time
 
@@ -62,10 +63,7 @@ class TokenNLL:
         self.config.check_fits("data", ids=targets)
         width = inputs.shape[1]
         columns = max(width, self.length or 0) if self.padded else width
-        # as few forwards as `self.rows` allows, of equal size: 8 rows at 5 a forward run as 2 x 4, not 2 x 5 with
-        # 2 rows of padding, and 1 row runs alone (a 7B-wide model's row padded to 8 cost 8x its forward)
-        forwards = max(1, -(-len(inputs) // self.rows))
-        per_forward = max(1, -(-len(inputs) // forwards))
+        per_forward = self._rows_per_forward(len(inputs), columns)
         out = np.empty(inputs.shape, dtype=np.float64)
         for start in range(0, len(inputs), per_forward):
             stop = min(start + per_forward, len(inputs))
@@ -76,6 +74,22 @@ class TokenNLL:
             if progress is not None:
                 progress.update(int(inputs[start:stop].size))
         return out
+
+    def _rows_per_forward(self, count: int, columns: int) -> int:
+        """As few forwards as `self.rows` allows, of equal size: 8 rows at 5 a forward run as 4 + 4, not 5 + 5 with
+        two rows of padding, and one row alone (a 7B-wide model's row padded to 8 cost 8x its forward). Compiled,
+        the smallest graph already compiled for these columns that holds them, if any: padding rows costs far
+        less than compiling a 30-layer model's graph again (MindFormers' rows and standard windows share one)."""
+        forwards = max(1, -(-count // self.rows))
+        rows = max(1, -(-count // forwards))
+        if not self.padded:
+            return rows
+        compiled = vars(self._model).setdefault("_nll_shapes", set())
+        fitting = [held for held, width in compiled if width == columns and rows <= held <= self.rows]
+        if fitting:
+            return min(fitting)
+        compiled.add((rows, columns))
+        return rows
 
 
 def _compiled_nll(model):
