@@ -54,23 +54,31 @@ def test_token_nll_compiles_one_function_per_model_and_bounds_the_logits(hf_tiny
     assert forward_rows(128, 32000) == 32 and forward_rows(512, 49152) == 5 and forward_rows(4096, 128256) == 1
 
 
-def test_rows_split_into_equal_forwards_or_run_in_a_graph_already_compiled_that_holds_them(shared_fixtures):
+def test_rows_split_into_equal_forwards_and_later_calls_reuse_that_graph(shared_fixtures):
     """A forward holds `rows`: fewer run alone and more split evenly (one row of a 7B-wide model padded to 8 cost
-    8x its forward; 8 rows at 5 a forward as 5 + 5 a quarter more than 4 + 4), unless a graph compiled for more
-    rows already holds them, which costs less than compiling another."""
-    model, _ = load_model(shared_fixtures / "hf_tiny_llama")   # its own: no graphs compiled yet
-    ids = np.load(shared_fixtures / "hf_tiny_llama" / "input_ids.npy")
-    reference = _numpy_nll(np.load(shared_fixtures / "hf_tiny_llama" / "logits.npy"), ids)
-    nll = TokenNLL(model, rows=5)
-    compiled, forwards = nll._nll, []
-    nll._nll = lambda inputs, targets: forwards.append(inputs.shape[0]) or compiled(inputs, targets)
-    one = nll(ids[:1, :-1], ids[:1, 1:])
-    eight = nll(np.repeat(ids[:1, :-1], 8, 0), np.repeat(ids[:1, 1:], 8, 0))
-    three = nll(np.repeat(ids[:1, :-1], 3, 0), np.repeat(ids[:1, 1:], 3, 0))
-    assert forwards == [1, 4, 4, 4]
-    np.testing.assert_allclose(one[0], reference[0], rtol=1e-5)
-    np.testing.assert_allclose(eight, np.repeat(one, 8, 0), rtol=1e-6)
-    np.testing.assert_allclose(three, np.repeat(one, 3, 0), rtol=1e-6)
+    8x its forward; 8 rows at 5 a forward as 5 + 5 a quarter more than 4 + 4). Later calls run in the graph
+    compiled then, padded or in more forwards, rather than compile another (tens of forwards' worth)."""
+    folder = shared_fixtures / "hf_tiny_llama"
+    ids = np.load(folder / "input_ids.npy")
+    reference = _numpy_nll(np.load(folder / "logits.npy"), ids)
+
+    def rows(count: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.repeat(ids[:1, :-1], count, 0), np.repeat(ids[:1, 1:], count, 0)
+
+    def counting(nll: TokenNLL, seen: list):
+        compiled = nll._nll
+        nll._nll = lambda inputs, targets: seen.append(inputs.shape[0]) or compiled(inputs, targets)
+        return nll
+
+    forwards = {}
+    for first in (1, 8):
+        forwards[first] = []
+        nll = counting(TokenNLL(load_model(folder)[0], rows=5), forwards[first])   # a model of its own
+        results = [nll(*rows(count)) for count in (first, 3, 10)]
+        for count, result in zip((first, 3, 10), results):
+            np.testing.assert_allclose(result, np.repeat(reference[:1], count, 0), rtol=1e-5)
+    assert forwards[1] == [1] + [1] * 3 + [1] * 10      # one row alone, then that graph
+    assert forwards[8] == [4, 4] + [4] + [4, 4, 4]      # 4 + 4, then 3 padded to 4, then 10 as 4 + 4 + 4
 
 
 def test_mindformers_perplexity_masks_pads_and_averages_batch_means(hf_tiny):

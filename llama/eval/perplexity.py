@@ -76,18 +76,19 @@ class TokenNLL:
         return out
 
     def _rows_per_forward(self, count: int, columns: int) -> int:
-        """As few forwards as `self.rows` allows, of equal size: 8 rows at 5 a forward run as 4 + 4, not 5 + 5 with
-        two rows of padding, and one row alone (a 7B-wide model's row padded to 8 cost 8x its forward). Compiled,
-        the smallest graph already compiled for these columns that holds them, if any: padding rows costs far
-        less than compiling a 30-layer model's graph again (MindFormers' rows and standard windows share one)."""
+        """Rows per forward. A graph already compiled for these columns serves, since compiling a 30-layer model's
+        graph again costs as much as tens of forwards: the smallest that holds all the rows of a forward, else the
+        largest, in more forwards (MindFormers' rows and the standard windows after them share one graph).
+        Otherwise as few forwards as `self.rows` allows, of equal size: 8 rows at 5 a forward run as 4 + 4, not
+        5 + 5 with two padded rows, and one row alone (a 7B-wide model's row padded to 8 cost 8x its forward)."""
         forwards = max(1, -(-count // self.rows))
         rows = max(1, -(-count // forwards))
         if not self.padded:
             return rows
         compiled = vars(self._model).setdefault("_nll_shapes", set())
-        fitting = [held for held, width in compiled if width == columns and rows <= held <= self.rows]
-        if fitting:
-            return min(fitting)
+        same = sorted(held for held, width in compiled if width == columns and held <= self.rows)
+        if same:
+            return next((held for held in same if held >= rows), same[-1])
         compiled.add((rows, columns))
         return rows
 
