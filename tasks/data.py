@@ -72,12 +72,16 @@ def record_prepared_data(settings: dict, results: dict, parent_run_id: str | Non
     """The data stage's MLflow run (nested under the pipeline's run when there is one): its config, rows per
     dataset, each records manifest, and one input per dataset; returns the run's id."""
     run = Run.start("prepare-data", parent=parent_run_id, tags={"stage": "prepare-data"})
-    run.log_params({"data": settings})
-    for name, summary in results.items():
-        run.log_metrics({f"{name}.rows": summary["rows"], f"{name}.dropped": summary.get("dropped", 0),
-                         f"{name}.truncated": summary.get("truncated", 0)})
-        run.log_artifact(Path(summary["output"]) / MANIFEST, f"manifests/{name}")
-        run.log_dataset(name, summary["output"], context="prepared",
-                        profile={"rows": summary["rows"], "row_length": summary["row_length"]})
+    try:
+        run.log_params({"data": settings})
+        for name, summary in results.items():
+            run.log_metrics({f"{name}.rows": summary["rows"], f"{name}.dropped": summary.get("dropped", 0),
+                             f"{name}.truncated": summary.get("truncated", 0)})
+            run.log_artifact(Path(summary["output"]) / MANIFEST, f"manifests/{name}")
+            run.log_dataset(name, summary["output"], context="prepared",
+                            profile={"rows": summary["rows"], "row_length": summary["row_length"]})
+    except BaseException:
+        run.end("FAILED")
+        raise
     run.end()
     return run.run_id
