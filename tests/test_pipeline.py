@@ -92,6 +92,11 @@ def test_demo_evaluates_base_and_finetuned_reruns_from_cache_and_reruns_only_wha
     assert set(second["tasks"].values()) == {"cached"}
     assert second["metrics"] == metrics
     assert client.get_run(second["mlflow_run_id"]).info.run_name != parent.info.run_name
+    # every stage still has its own run under the new parent, tagged as taken from the cache
+    rerun = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{second['mlflow_run_id']}'")
+    cached = {run.data.tags["mlflow.runName"]: run.data.tags.get("cached") for run in rerun}
+    assert {"convert", "train", "merge", "register"} | BASE | AFTER_TRAINING <= set(cached)
+    assert {name for name, tag in cached.items() if name != "prepare-data" and tag != "True"} == set()
 
     # A new learning rate reruns training and what follows it; the base model's evaluations come from cache.
     third = pipeline(config=CONFIG, overrides=quick + ["train.set.optimizer.learning_rate=5e-3"], work_dir=work)
