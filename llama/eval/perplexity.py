@@ -53,8 +53,7 @@ class TokenNLL:
 
         model.set_train(False)
         self.rows, self.length, self.config, self._tensor = rows, length, model.config, ms.Tensor
-        self._model = model
-        self._nll = _compiled_nll(model)
+        self._nll, self._shapes = _compiled_nll(model)
         self.padded = runs_compiled(model)   # fixed shapes serve a compiled graph; eagerly they only cost time
 
     def __call__(self, inputs: np.ndarray, targets: np.ndarray, progress: Progress | None = None) -> np.ndarray:
@@ -85,17 +84,16 @@ class TokenNLL:
         rows = max(1, -(-count // forwards))
         if not self.padded:
             return rows
-        compiled = vars(self._model).setdefault("_nll_shapes", set())
-        same = sorted(held for held, width in compiled if width == columns and held <= self.rows)
+        same = sorted(held for held, width in self._shapes if width == columns and held <= self.rows)
         if same:
             return next((held for held in same if held >= rows), same[-1])
-        compiled.add((rows, columns))
+        self._shapes.add((rows, columns))
         return rows
 
 
 def _compiled_nll(model):
-    """One jit function per model (eager where its graph would not fit: llama.device), kept on it: a new one per
-    TokenNLL would compile its graphs again."""
+    """One jit function per model (eager where its graph would not fit: llama.device), kept on it with the
+    (rows, columns) shapes compiled for it: a new one per TokenNLL would compile its graphs again."""
     if "_nll_graph" not in vars(model):
         from mindspore import ops
 
@@ -103,7 +101,7 @@ def _compiled_nll(model):
             log_probs = ops.log_softmax(model(inputs), -1)
             return -ops.gather_elements(log_probs, -1, targets.expand_dims(-1)).squeeze(-1)
 
-        model._nll_graph = compiled_or_eager(nll, model)
+        model._nll_graph = compiled_or_eager(nll, model), set()
     return model._nll_graph
 
 
