@@ -5,8 +5,8 @@
              seed=0, eos_id=2, pad_id=0, stop_ids=()) -> list[list[int]]   # each prompt's new ids (EOS included)
 
 Prompts are left-padded into one batch. Prefill writes the prompt positions into a KV cache of fixed length
-(longest prompt + max_new_tokens, rounded up to buckets) in chunks of at most PREFILL_CHUNK tokens; then each
-decode step writes one slot. Steps have static shapes, so each graph is compiled once by `mindspore.jit` and
+(longest prompt + max_new_tokens, rounded up to buckets; `llama.model.KVCache`, written in place and kept with
+the graphs of its shape) in chunks of at most PREFILL_CHUNK tokens; then each decode step writes one slot. Steps have static shapes, so each graph is compiled once by `mindspore.jit` and
 reused for every token and for later calls of similar lengths (on this CPU a compiled step is about 100x faster
 than PyNative). Chunks keep the number of graphs small: prompts of any length above a chunk share one prefill
 graph, and a caller that runs many batches (SQuAD) sizes every batch's cache for its longest prompt
@@ -31,7 +31,7 @@ from mindspore import nn, ops
 
 from llama.device import compiled_or_eager, runs_compiled
 from llama.errors import PipelineError
-from llama.model import NEG_INF
+from llama.model import NEG_INF, KVCache
 
 PROMPT_BUCKET = 16
 PREFILL_CHUNK = 64   # SmolLM2 on 24 SQuAD prompts of 75-431 tokens: 58 s against 70 s with 128 (less padding)
@@ -76,29 +76,23 @@ def _sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rn
 class DecodeStep(nn.Cell):
     """S new tokens per row, written to cache slots first_slot.. ; returns the last position's logits."""
 
-    def __init__(self, model):
+    def __init__(self, model, cache: KVCache):
         super().__init__(auto_prefix=False)
-        self.model = model
+        self.model, self.cache = model, cache
         self.last_position = model.config.max_position_embeddings - 1
 
-    def construct(self, input_ids, first_slot, pads, kv_caches):
-        """input_ids int32 [B, S]; first_slot int32 scalar; pads int32 [B], each row's left padding;
-        kv_caches as `init_kv_cache` makes them. Returns float32 logits [B, V] and the updated caches."""
+    def construct(self, input_ids, first_slot, pads):
+        """input_ids int32 [B, S]; first_slot int32 scalar; pads int32 [B], each row's left padding.
+        Returns float32 logits [B, V]."""
         batch, seq = input_ids.shape
-        kv_heads, length = kv_caches[0][0].shape[1], kv_caches[0][0].shape[2]
         query_slots = first_slot + ops.arange(seq, dtype=ms.int32)                        # [S]
         # positions count from each row's first real token; clamped so that a greedy chunk's steps past
         # max_new_tokens (computed, then discarded) still index the rotary tables
         positions = ops.clamp(query_slots.reshape(1, seq) - pads.reshape(batch, 1), 0, self.last_position)
-        key_slots = ops.arange(length, dtype=ms.int32).reshape(1, 1, length)
+        key_slots = ops.arange(self.cache.length, dtype=ms.int32).reshape(1, 1, -1)
         allowed = ops.logical_and(key_slots <= query_slots.reshape(1, seq, 1), key_slots >= pads.reshape(batch, 1, 1))
-        mask = ops.where(allowed, 0.0, NEG_INF).reshape(batch, 1, seq, length)
-        shape = (batch, kv_heads, seq, 1)
-        cache_index = ops.concat([
-            ops.broadcast_to(ops.arange(batch, dtype=ms.int32).reshape(batch, 1, 1, 1), shape),
-            ops.broadcast_to(ops.arange(kv_heads, dtype=ms.int32).reshape(1, kv_heads, 1, 1), shape),
-            ops.broadcast_to(query_slots.reshape(1, 1, seq, 1), shape)], -1)              # [B, K, S, 3]
-        return self.model.decode(input_ids, positions, mask, cache_index, kv_caches)
+        mask = ops.where(allowed, 0.0, NEG_INF).reshape(batch, 1, seq, -1)
+        return self.model.decode(input_ids, positions, mask, self.cache.rows_of(query_slots), self.cache)
 
 
 class GreedyChunk(nn.Cell):
@@ -109,15 +103,15 @@ class GreedyChunk(nn.Cell):
         self.step, self.steps = step, steps
         self.argmax = ops.ArgMaxWithValue(axis=-1)   # first maximum, as argmax, in under half its time on CPU
 
-    def construct(self, input_ids, first_slot, pads, kv_caches):
+    def construct(self, input_ids, first_slot, pads):
         """input_ids int32 [B, 1], the last chosen tokens, go to slot first_slot; returns the next `steps`
-        tokens int32 [B, steps] and the updated caches."""
+        tokens int32 [B, steps]."""
         chosen = ()
         for offset in range(self.steps):
-            logits, kv_caches = self.step(input_ids, first_slot + offset, pads, kv_caches)
+            logits = self.step(input_ids, first_slot + offset, pads)
             input_ids = self.argmax(logits)[0].astype(ms.int32).reshape(-1, 1)
             chosen += (input_ids,)
-        return ops.concat(chosen, 1), kv_caches
+        return ops.concat(chosen, 1)
 
 
 def greedy_chunk_steps(config) -> int:
@@ -127,12 +121,14 @@ def greedy_chunk_steps(config) -> int:
 
 
 class _Graphs:
-    """A model's generation cells, jit-compiled (eager where their graphs would not fit: llama.device), and the
-    shapes they have run at. Kept on the model, so that later calls reuse them and they go with it."""
+    """A model's generation cells, jit-compiled (eager where their graphs would not fit: llama.device), the KV
+    caches they write and the shapes they have run at. Kept on the model, so that later calls reuse them and
+    they go with it."""
 
     def __init__(self, model):
         self.model = model
-        self.cells = {}
+        self.cells = {}      # (rows, cache length, greedy steps or 0 for one step) -> the cell's construct
+        self.caches = {}     # (rows, cache length) -> KVCache, shared by that shape's cells
         self.shapes = []     # (rows, prefill chunk, cache length)
 
     @staticmethod
@@ -141,16 +137,24 @@ class _Graphs:
             model._generation_graphs = _Graphs(model)
         return model._generation_graphs
 
-    def cell(self, kind: str, make):
-        if kind not in self.cells:
-            self.cells[kind] = compiled_or_eager(make().construct, self.model)
-        return self.cells[kind]
+    def cell(self, rows: int, length: int, greedy_steps: int = 0):
+        """The decode step over a rows x length cache, or with `greedy_steps` a greedy chunk of that many."""
+        if (rows, length, greedy_steps) not in self.cells:
+            if (rows, length) not in self.caches:
+                self.caches[rows, length] = KVCache(self.model.config, rows, length)
+            step = DecodeStep(self.model, self.caches[rows, length])
+            cell = GreedyChunk(step, greedy_steps) if greedy_steps else step
+            self.cells[rows, length, greedy_steps] = compiled_or_eager(cell.construct, self.model)
+        return self.cells[rows, length, greedy_steps]
 
     def shape(self, batch: int, longest: int, chunk: int, length: int, decode_slots: int) -> tuple[int, int, int]:
         """(rows, prefill chunk, cache length) for a call that needs (batch, chunk, length): the smallest shape
         already compiled that holds it, since extra rows and padding cost far less than compiling a 30-layer
-        model's prefill and decode graphs again (about 20 s); else its own, remembered. Eagerly, its own."""
+        model's prefill and decode graphs again (about 20 s); else its own, remembered. Eagerly, its own, and
+        the cells and caches of earlier calls go: nothing is compiled, and a 7B model's cache is large."""
         if not runs_compiled(self.model):
+            self.cells.clear()
+            self.caches.clear()
             return batch, chunk, length
         fitting = [(rows, c, cache) for rows, c, cache in self.shapes
                    if rows >= batch and cache >= length and _round_up(longest, c) + decode_slots <= cache]
@@ -204,15 +208,14 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     for row, ids in enumerate(prompt_ids):
         tokens[row, pads[row]:] = ids
     model.set_train(False)
-    step = graphs.cell("step", lambda: DecodeStep(model))
+    step = graphs.cell(rows, length)
     if greedy:
-        step_chunk = graphs.cell(f"greedy{chunk}", lambda: GreedyChunk(DecodeStep(model), chunk))
+        step_chunk = graphs.cell(rows, length, chunk)
     pads = ms.Tensor(pads)
-    # mutable: the caches are graph inputs, not constants that would force a recompile per step
-    caches = model.init_kv_cache(rows, length)
+    # A cache's slots from an earlier call need no clearing: a step attends only to the slots this call has
+    # written (the prompt's, then one per step), and the mask gives every other slot a probability of 0.
     for first in range(0, prompt_len, prefill_chunk):
-        logits, caches = step(ms.Tensor(tokens[:, first:first + prefill_chunk]), ms.Tensor(first, ms.int32), pads,
-                              ms.mutable(caches))
+        logits = step(ms.Tensor(tokens[:, first:first + prefill_chunk]), ms.Tensor(first, ms.int32), pads)
 
     out = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
@@ -240,12 +243,12 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     next_ids = _sample(logits.asnumpy()[:batch], temperature, top_k, top_p, rng)
     slot, finished = prompt_len, emit(next_ids)
     while not finished:
-        inputs = (as_input(next_ids), ms.Tensor(slot, ms.int32), pads, ms.mutable(caches))
+        inputs = (as_input(next_ids), ms.Tensor(slot, ms.int32), pads)
         if greedy:
-            chosen, caches = step_chunk(*inputs)
+            chosen = step_chunk(*inputs)
             columns = chosen.asnumpy()[:batch].T
         else:
-            logits, caches = step(*inputs)
+            logits = step(*inputs)
             columns = [_sample(logits.asnumpy()[:batch], temperature, top_k, top_p, rng)]
         for next_ids in columns:
             finished = emit(next_ids)

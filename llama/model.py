@@ -19,8 +19,8 @@ Extension points for other stages:
   wrapper whose construct adds the low-rank path.
 - Prefix tuning: `construct(input_ids, prefix_key_values=...)` takes one (key, value) pair per layer, each
   [batch, num_kv_heads, prefix_len, head_dim]; every query attends to all prefix positions.
-- Generation: `init_kv_cache(batch, length)` and `decode(...)` run with a fixed-size KV cache, so prefill and
-  every decode step have static shapes and compile once each (see llama/generate.py).
+- Generation: `decode(...)` runs with a fixed-size `KVCache`, written in place, so prefill and every decode
+  step have static shapes and compile once each (see llama/generate.py).
 
 Shapes in comments: B batch, S new tokens, L keys visible (cache length, plus prefix), H query heads,
 K kv heads, D head_dim, E hidden size, V vocab.
@@ -98,10 +98,28 @@ class Embedding(nn.Cell):
         self.embedding_weight = Parameter(initializer(weight_init, [vocab_size, hidden_size], param_dtype),
                                           name="embedding_weight")
 
-    def construct(self, input_ids):
+    def construct(self, input_ids, table=None):
+        """int32 [B, S] -> [B, S, E]; `table`: this cell's weight already read in the graph (see
+        LlamaForCausalLM.decode)."""
+        table = self.embedding_weight if table is None else table
         if self.cast_table_first:
-            return ops.gather(self.embedding_weight.astype(self.compute_dtype), input_ids, 0)
-        return ops.gather(self.embedding_weight, input_ids, 0).astype(self.compute_dtype)
+            return ops.gather(table.astype(self.compute_dtype), input_ids, 0)
+        return ops.gather(table, input_ids, 0).astype(self.compute_dtype)
+
+
+# For an elementwise op whose operands differ in shape, MindSpore's CPU kernels keep an index table of 16 bytes
+# per output element, for the life of the compiled graph (30 layers x 512 tokens of SmolLM2-135M: about 8 GB).
+# Large operands are therefore broadcast explicitly first; small ones are not, which saves a kernel each (a
+# decoding step of a 30-layer model runs about 1,500 kernels, each costing some 14 us to launch).
+EXPLICIT_BROADCAST_ELEMENTS = 1 << 16
+
+
+def broadcast_for(x, shape):
+    """x broadcast to `shape` where an elementwise op's output of that shape is large (see above); else x."""
+    size = 1
+    for dim in shape:
+        size *= dim
+    return ops.broadcast_to(x, shape) if size > EXPLICIT_BROADCAST_ELEMENTS else x
 
 
 class RMSNorm(nn.Cell):
@@ -114,9 +132,8 @@ class RMSNorm(nn.Cell):
 
     def construct(self, x):
         h = x.astype(ms.float32)
-        # explicit broadcasts: see LlamaModel.construct
-        h = h * ops.broadcast_to(ops.rsqrt(ops.mean(h * h, -1, True) + self.eps), h.shape)
-        return ops.broadcast_to(self.weight.astype(self.compute_dtype), h.shape) * h.astype(self.compute_dtype)
+        h = h * broadcast_for(ops.rsqrt(ops.mean(h * h, -1, True) + self.eps), h.shape)
+        return broadcast_for(self.weight.astype(self.compute_dtype), h.shape) * h.astype(self.compute_dtype)
 
 
 def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -155,6 +172,8 @@ class SwapAxes12(nn.Cell):
 
     def construct(self, x):
         batch, a, c, d = x.shape
+        if a == 1 or c == 1:
+            return x.reshape(batch, c, a, d)   # the same order of elements (a decoding step's one token)
         return ops.gather(x.reshape(batch, a * c, d), _swapped_rows(a, c), 1).reshape(batch, c, a, d)
 
     def bprop(self, x, out, dout):
@@ -185,43 +204,37 @@ class Attention(nn.Cell):
         self.wo = Linear(hidden, hidden, param_dtype, compute_dtype, weight_init)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)   # q @ k.T without materialising k.T
+        self.write_cache = ops.ScatterUpdate()
 
     def _heads(self, x, heads):
         batch, seq, _ = x.shape
         return swap_axes_1_2(x.reshape(batch, seq, heads, self.head_dim))
 
-    def _repeat_kv(self, x):
-        """[B, K, L, D] -> [B, H, L, D]: query head h uses kv head h // (H/K), as in Hugging Face."""
-        groups = self.num_heads // self.num_kv_heads
-        if groups == 1:
-            return x
-        batch, kv_heads, length, dim = x.shape
-        x = ops.broadcast_to(x.reshape(batch, kv_heads, 1, length, dim), (batch, kv_heads, groups, length, dim))
-        return x.reshape(batch, kv_heads * groups, length, dim)
-
-    def construct(self, x, rotary, mask, kv_cache=None, cache_index=None, prefix_kv=None):
+    def construct(self, x, rotary, mask, kv_cache=None, cache_rows=None, prefix_kv=None):
         """x [B, S, E]; rotary ((cos, signed_sin) [B, H, S, D], the same [B, K, S, D]); mask additive float32
-        [B, H, S, L]; kv_cache (k, v) [B, K, cache_len, D] with cache_index int32 [B, K, S, 3], the (batch,
-        kv head, slot) where each of the S new keys goes.
-        Returns the output [B, S, E] and the updated cache (or None)."""
+        [B, H, S, L]; kv_cache (keys, values), Parameters [B*K*cache_len, D] (`KVCache`) that the S new keys
+        and values are written into, in place, at cache_rows int32 [B, K, S]. Returns the output [B, S, E]."""
         batch, seq, _ = x.shape
+        kv_heads, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
         q = apply_rotary(self._heads(self.wq(x), self.num_heads), *rotary[0])
-        k = apply_rotary(self._heads(self.wk(x), self.num_kv_heads), *rotary[1])
-        v = self._heads(self.wv(x), self.num_kv_heads)
-        new_cache = None
+        k = apply_rotary(self._heads(self.wk(x), kv_heads), *rotary[1])
+        v = self._heads(self.wv(x), kv_heads)
         if kv_cache is not None:
-            # a scatter touches only the new slots (a masked blend would rewrite the whole cache every step)
-            k = ops.tensor_scatter_update(kv_cache[0], cache_index, k)
-            v = ops.tensor_scatter_update(kv_cache[1], cache_index, v)
-            new_cache = (k, v)
+            # in place: a functional scatter returns a copy of the whole cache, every step and layer
+            k = self.write_cache(kv_cache[0], cache_rows, k).reshape(batch, kv_heads, -1, self.head_dim)
+            v = self.write_cache(kv_cache[1], cache_rows, v).reshape(batch, kv_heads, -1, self.head_dim)
         if prefix_kv is not None:
             k = ops.concat([prefix_kv[0].astype(self.compute_dtype), k], 2)
             v = ops.concat([prefix_kv[1].astype(self.compute_dtype), v], 2)
-        k, v = self._repeat_kv(k), self._repeat_kv(v)
-        scores = self.scores_matmul(q, k) * self.scale                   # [B, H, S, L]
-        probs = ops.softmax(scores.astype(ms.float32) + mask, -1).astype(self.compute_dtype)
-        out = swap_axes_1_2(ops.matmul(probs, v)).reshape(batch, seq, -1)
-        return self.wo(out), new_cache
+        # Grouped-query attention without repeating k and v: query head h uses kv head h // G (as in Hugging
+        # Face), so the G query heads of one kv head are adjacent and stack along the query axis by a reshape,
+        # [B, H, S, D] -> [B, K, G*S, D]. Repeating each kv head G times would copy the keys and values (at
+        # decode, the whole cache) every step and layer.
+        q = q.reshape(batch, kv_heads, groups * seq, self.head_dim)
+        scores = self.scores_matmul(q, k) * self.scale                   # [B, K, G*S, L]
+        probs = ops.softmax(scores.astype(ms.float32) + mask.reshape(scores.shape), -1).astype(self.compute_dtype)
+        out = ops.matmul(probs, v).reshape(batch, self.num_heads, seq, self.head_dim)
+        return self.wo(swap_axes_1_2(out).reshape(batch, seq, -1))
 
 
 class FeedForward(nn.Cell):
@@ -245,10 +258,9 @@ class DecoderLayer(nn.Cell):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype, compute_dtype)
         self.feed_forward = FeedForward(config, param_dtype, compute_dtype, weight_init)
 
-    def construct(self, x, rotary, mask, kv_cache=None, cache_index=None, prefix_kv=None):
-        attended, new_cache = self.attention(self.attention_norm(x), rotary, mask, kv_cache, cache_index, prefix_kv)
-        h = x + attended
-        return h + self.feed_forward(self.ffn_norm(h)), new_cache
+    def construct(self, x, rotary, mask, kv_cache=None, cache_rows=None, prefix_kv=None):
+        h = x + self.attention(self.attention_norm(x), rotary, mask, kv_cache, cache_rows, prefix_kv)
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class LlamaModel(nn.Cell):
@@ -265,26 +277,23 @@ class LlamaModel(nn.Cell):
         cos, signed_sin = rotary_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.cos, self.signed_sin = Tensor(cos), Tensor(signed_sin)
 
-    def construct(self, input_ids, positions, mask, kv_caches=None, cache_index=None, prefix_key_values=None):
-        """positions int32 [B or 1, S] index the rotary tables; returns hidden [B, S, E] and new caches."""
-        h = self.tok_embeddings(input_ids)
+    def construct(self, input_ids, positions, mask, kv_caches=None, cache_rows=None, prefix_key_values=None,
+                  embedding_table=None):
+        """positions int32 [B or 1, S] index the rotary tables; returns hidden [B, S, E]."""
+        h = self.tok_embeddings(input_ids, embedding_table)
         batch, seq = input_ids.shape
-        # Broadcast once here, so that every elementwise op in the layers sees operands of one shape: for a
-        # general broadcast MindSpore's CPU kernels keep an index table of 16 bytes per output element, per op
-        # and for the life of the compiled graph (30 layers x 512 tokens of SmolLM2-135M: about 8 GB).
+        # Broadcast once here, so that the layers' elementwise ops see operands of one shape (see broadcast_for).
         mask = ops.broadcast_to(mask, (batch, self.num_heads, seq, mask.shape[-1]))
         cos = ops.gather(self.cos, positions, 0).astype(self.compute_dtype).expand_dims(1)   # [B or 1, 1, S, D]
         signed_sin = ops.gather(self.signed_sin, positions, 0).astype(self.compute_dtype).expand_dims(1)
         rotary = tuple((ops.broadcast_to(cos, (batch, heads, seq, -1)),
                         ops.broadcast_to(signed_sin, (batch, heads, seq, -1)))
                        for heads in (self.num_heads, self.num_kv_heads))
-        new_caches = ()
         for i, layer in enumerate(self.layers):
-            kv_cache = None if kv_caches is None else kv_caches[i]
+            kv_cache = None if kv_caches is None else (kv_caches.keys[i], kv_caches.values[i])
             prefix_kv = None if prefix_key_values is None else prefix_key_values[i]
-            h, cache = layer(h, rotary, mask, kv_cache, cache_index, prefix_kv)
-            new_caches += (cache,)
-        return self.norm_out(h), new_caches
+            h = layer(h, rotary, mask, kv_cache, cache_rows, prefix_kv)
+        return self.norm_out(h)
 
 
 class LlamaForCausalLM(nn.Cell):
@@ -303,11 +312,13 @@ class LlamaForCausalLM(nn.Cell):
             config.hidden_size, config.vocab_size, param_dtype, self.compute_dtype, weight_init)
         self.vocab_matmul = ops.MatMul(transpose_b=True)
 
-    def logits(self, hidden):
-        """[..., E] -> float32 [..., V]."""
+    def logits(self, hidden, embedding_table=None):
+        """[..., E] -> float32 [..., V]; `embedding_table` as in `decode`."""
         if self.lm_head is not None:
             return self.lm_head(hidden).astype(ms.float32)
-        weight = self.model.tok_embeddings.embedding_weight.astype(self.compute_dtype)
+        if embedding_table is None:
+            embedding_table = self.model.tok_embeddings.embedding_weight
+        weight = embedding_table.astype(self.compute_dtype)
         out = self.vocab_matmul(hidden.reshape(-1, hidden.shape[-1]), weight)
         return out.reshape(hidden.shape[:-1] + (-1,)).astype(ms.float32)
 
@@ -320,7 +331,7 @@ class LlamaForCausalLM(nn.Cell):
         causal = ops.triu(ops.full((seq, seq), NEG_INF, dtype=ms.float32), 1)
         mask = ops.concat([ops.zeros((seq, prefix_len), ms.float32), causal], 1) if prefix_len else causal
         positions = ops.arange(seq, dtype=ms.int32).expand_dims(0)
-        hidden, _ = self.model(input_ids, positions, mask.reshape(1, 1, seq, -1),
+        hidden = self.model(input_ids, positions, mask.reshape(1, 1, seq, -1),
                                prefix_key_values=prefix_key_values)
         if only_at is not None:
             rows = ops.arange(batch, dtype=ms.int32).reshape(batch, 1) * seq
@@ -328,18 +339,37 @@ class LlamaForCausalLM(nn.Cell):
             hidden = hidden.reshape(batch, only_at.shape[1], -1)
         return self.logits(hidden)
 
-    def init_kv_cache(self, batch: int, length: int) -> tuple:
-        """Zeroed (key, value) buffers per layer, each [B, K, length, D] in the compute dtype."""
-        zeros = np.zeros((batch, self.config.num_kv_heads, length, self.config.head_dim), np.float32)
-        return tuple((Tensor(zeros, self.compute_dtype), Tensor(zeros, self.compute_dtype))
-                     for _ in range(self.config.num_layers))
-
-    def decode(self, input_ids, positions, mask, cache_index, kv_caches, prefix_key_values=None):
+    def decode(self, input_ids, positions, mask, cache_rows, kv_caches, prefix_key_values=None):
         """One prefill or decode step against the KV cache: input_ids [B, S], positions [B, S],
-        mask [B, 1, S, L] additive float32, cache_index int32 [B, K, S, 3] (see Attention).
-        Returns float32 logits of the last position [B, V] and the updated caches."""
-        hidden, new_caches = self.model(input_ids, positions, mask, kv_caches, cache_index, prefix_key_values)
+        mask [B, 1, S, L] additive float32, cache_rows int32 [B, K, S] and kv_caches a `KVCache` (see
+        Attention). Returns float32 logits of the last position [B, V]; the cache is updated in place.
+        Tied embeddings are read once, for the lookup and the output projection: in a graph that writes
+        Parameters, MindSpore copies a Parameter on each of several reads (two 113 MB copies a step for
+        SmolLM2-135M's table)."""
+        table = self.model.tok_embeddings.embedding_weight.reshape(self.config.vocab_size, -1) if self.lm_head is None else None
+        hidden = self.model(input_ids, positions, mask, kv_caches, cache_rows, prefix_key_values, table)
         batch, seq, _ = hidden.shape
         # a decode step's single position by a reshape, which costs no kernel (a slice is one per step)
         last = hidden.reshape(batch, -1) if seq == 1 else hidden[:, -1]
-        return self.logits(last), new_caches
+        return self.logits(last, table)
+
+
+class KVCache(nn.Cell):
+    """Keys and values of every layer for `batch` rows of `length` slots: per layer two Parameters
+    [B*K*length, D] in the compute dtype, rows in [B, K, length] order, so that a reshape gives the
+    [B, K, length, D] attention reads and `ScatterUpdate` writes new slots in place (MindFormers keeps its
+    cache as Parameters too). Slot (b, k, s) is row (b*K + k)*length + s: `rows_of(slots)`."""
+
+    def __init__(self, config: ModelConfig, batch: int, length: int):
+        super().__init__(auto_prefix=False)
+        self.batch, self.kv_heads, self.length = batch, config.num_kv_heads, length
+        shape, dtype = (batch * config.num_kv_heads * length, config.head_dim), MS_DTYPES[config.compute_dtype]
+        self.keys, self.values = (
+            ms.ParameterTuple([Parameter(initializer(ZEROS, shape, dtype), name=f"kv_cache.{i}.{kind}",
+                                         requires_grad=False) for i in range(config.num_layers)])
+            for kind in ("key", "value"))
+
+    def rows_of(self, slots):
+        """int32 [S] slots -> int32 [B, K, S] cache rows, the same slots in every row and kv head."""
+        starts = ops.arange(self.batch * self.kv_heads, dtype=ms.int32) * self.length
+        return starts.reshape(self.batch, self.kv_heads, 1) + slots.reshape(1, 1, -1)

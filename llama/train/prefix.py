@@ -79,11 +79,8 @@ class PrefixedLM(nn.Cell):
     def construct(self, input_ids):
         return self.model(input_ids, self._prefixes(input_ids.shape[0]))
 
-    def init_kv_cache(self, batch: int, length: int) -> tuple:
-        return self.model.init_kv_cache(batch, length)
-
-    def decode(self, input_ids, positions, mask, cache_index, kv_caches):
+    def decode(self, input_ids, positions, mask, cache_rows, kv_caches):
         """The model's decode step; every query also attends to all prefix positions."""
         batch, _, seq, _ = mask.shape
         mask = ops.concat([ops.zeros((batch, 1, seq, self.prefix_len), ms.float32), mask], -1)
-        return self.model.decode(input_ids, positions, mask, cache_index, kv_caches, self._prefixes(batch))
+        return self.model.decode(input_ids, positions, mask, cache_rows, kv_caches, self._prefixes(batch))
