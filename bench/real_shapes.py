@@ -1,6 +1,7 @@
 """Benchmark: speed at real model shapes beside PyTorch (random weights, so nothing is downloaded).
 
-    .venv/bin/python bench/real_shapes.py [--part 135m|7b-float32|7b-float16|7b-train|compile|all] [--repeats 3]
+    .venv/bin/python bench/real_shapes.py [--part 135m|7b-float32|7b-float16|7b-train|compile|memory|all]
+                                          [--repeats 3]
 
 135m      SmolLM2-135M's shape (30 layers, hidden 576, FFN 1536, 9 query / 3 kv heads, vocab 49,152, tied
           embeddings): a perplexity forward over 8 rows of 512 tokens, a full-finetune training step (batch
@@ -9,6 +10,7 @@
 7b-*      two decoder layers at Llama-2-7B's width (hidden 4096, FFN 11008, 32 heads, vocab 32000): a forward
           over 512 tokens in float32 and in float16; a training step (batch 1 x 512, float32) of one such layer
           (embeddings and output projection frozen, so both sides fit in memory at once).
+memory    the peak RSS of each 135M-shape workload per side, each run alone in a fresh process.
 compile   the first call of a perplexity forward (8 x 256) at hidden 576 with 2, 30 and 80 layers beside its
           steady time: the difference is what compiling costs (PyTorch's eager first call is there for scale).
 
@@ -20,6 +22,7 @@ per-round ratios, ours over PyTorch's; above 1 we are faster. Without torch and 
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import sys
 import time
@@ -29,7 +32,7 @@ import numpy as np
 
 import eval as eval_bench
 import train as train_bench
-from sidebyside import compare, peer_installed, report
+from sidebyside import WARM_UP_RUNS, compare, peer_installed, report
 
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
@@ -52,19 +55,68 @@ def run_sides(title: str, ours: dict, peer, repeats: int) -> None:
     report(compare(sides, repeats))
 
 
+TRAINING_135M = {"full finetune step": None, "LoRA step": LORA_TARGETS}   # workload -> LoRA targets
+WORKLOADS_135M = ("perplexity", "generate batch 1", "generate batch 8", *TRAINING_135M)
+
+
+def evaluation_works(side: str, config, prompt_batches) -> dict:
+    """Perplexity over 8 rows of 512 and generation (128-token prompts, 64 new tokens) at each batch size."""
+    rows = random_rows(config.vocab_size, 8, 513)
+    prompts = {batch: random_rows(config.vocab_size, batch, 128, seed=batch).tolist() for batch in prompt_batches}
+    return (eval_bench.ours if side == "ours" else eval_bench.transformers_peer)(config, rows, prompts, 64)
+
+
+def training_works(side: str, config, workload: str) -> dict:
+    """One training step, batch 4 x 256, as {"train step": work}."""
+    batch = random_rows(config.vocab_size, 4, 257)
+    build = train_bench.ours if side == "ours" else train_bench.transformers_peer
+    return build(batch, 1, config, TRAINING_135M[workload])
+
+
 def part_135m(repeats: int) -> None:
     from llama.config.model import ModelConfig
 
     config = ModelConfig(**SMOLLM2_SHAPE)
-    rows = random_rows(config.vocab_size, 8, 513)
-    prompts = {batch: random_rows(config.vocab_size, batch, 128, seed=batch).tolist() for batch in (1, 8)}
     run_sides("135M shape: perplexity 8 x 512, generation batch 1 and 8 (128-token prompts, 64 new tokens)",
-              eval_bench.ours(config, rows, prompts, 64),
-              lambda: eval_bench.transformers_peer(config, rows, prompts, 64), repeats)
-    batch = random_rows(config.vocab_size, 4, 257)
-    for name, targets in (("full finetune step, batch 4 x 256", None), ("LoRA step, rank 8 on q/k/v/o", LORA_TARGETS)):
-        run_sides(f"135M shape: {name}", train_bench.ours(batch, 1, config, targets),
-                  lambda targets=targets: train_bench.transformers_peer(batch, 1, config, targets), repeats)
+              evaluation_works("ours", config, (1, 8)), lambda: evaluation_works("pytorch", config, (1, 8)), repeats)
+    for workload in TRAINING_135M:
+        run_sides(f"135M shape: {workload}, batch 4 x 256" + (", rank 8 on q/k/v/o" if TRAINING_135M[workload] else ""),
+                  training_works("ours", config, workload),
+                  lambda workload=workload: training_works("pytorch", config, workload), repeats)
+
+
+def peak_rss(side: str, workload: str) -> int:
+    """Bytes: the peak RSS of this process after building one 135M-shape workload of one side and running it
+    as the timed benchmark does (compile or first run, warm-up runs, a timed run)."""
+    from llama.config.model import ModelConfig
+
+    config = ModelConfig(**SMOLLM2_SHAPE)
+    if workload in TRAINING_135M:
+        run, _ = training_works(side, config, workload)["train step"]
+    else:
+        batches = (int(workload.split()[-1]),) if workload.startswith("generate") else ()
+        run, _ = evaluation_works(side, config, batches)[workload]
+    for _ in range(1 + WARM_UP_RUNS):
+        run()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def part_memory() -> None:
+    """Each 135M-shape workload of each side alone in a fresh process (imports, model, graphs, runs)."""
+    print("135M shape: peak RSS of a process running one workload (GiB; ours / PyTorch below 1 uses less)", flush=True)
+    sides = ("ours", "pytorch") if peer_installed() else ("ours",)
+    for workload in WORKLOADS_135M:
+        peaks = {}
+        for side in sides:
+            child = subprocess.run([sys.executable, __file__, "--peak-rss", side, workload],
+                                   capture_output=True, text=True)
+            if child.returncode:
+                raise SystemExit(f"{side} {workload}: {child.stderr.strip().splitlines()[-1]}")
+            peaks[side] = int(child.stdout.split()[-1]) / 2 ** 30
+        line = f"  {workload:<20} " + "   ".join(f"{side} {peak:5.2f}" for side, peak in peaks.items())
+        if len(peaks) == 2:
+            line += f"   ratio {peaks['ours'] / peaks['pytorch']:.2f}"
+        print(line, flush=True)
 
 
 def part_7b_forward(dtype: str, repeats: int) -> None:
@@ -116,6 +168,7 @@ PARTS = {
     "7b-float16": lambda repeats: part_7b_forward("float16", repeats),
     "7b-train": part_7b_train,
     "compile": lambda repeats: part_compile(),
+    "memory": lambda repeats: part_memory(),
 }
 
 
@@ -123,7 +176,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=(*PARTS, "all"), default="all")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peak-rss", nargs=2, metavar=("SIDE", "WORKLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peak_rss:
+        sys.path.insert(0, str(REPO))
+        print(peak_rss(*args.peak_rss))
+        return 0
     if args.part == "all":
         # one process per part: MindSpore keeps its memory pool for the life of a process, and the 7B-width
         # parts do not fit beside each other's

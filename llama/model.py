@@ -183,6 +183,22 @@ class SwapAxes12(nn.Cell):
 swap_axes_1_2 = SwapAxes12()
 
 
+class SoftmaxLastAxis(nn.Cell):
+    """softmax(x, -1), with its gradient y * dy - y * sum(y * dy) broadcast explicitly (`broadcast_for`):
+    MindSpore's own subtracts the [..., 1] sum from [..., L] implicitly, whose index table a training graph keeps
+    for good (38 MB a layer for SmolLM2-135M at 4 x 256 tokens)."""
+
+    def construct(self, x):
+        return ops.softmax(x, -1)
+
+    def bprop(self, x, out, dout):
+        weighted = out * dout
+        return (weighted - out * broadcast_for(weighted.sum(-1, keepdims=True), out.shape),)
+
+
+softmax_last_axis = SoftmaxLastAxis()
+
+
 def apply_rotary(x, cos, signed_sin):
     """x [B, heads, S, D] rotated by position: x*cos + rotate_half(x)*sin, with rotate_half(x) =
     concat(-x[D/2:], x[:D/2]) computed as swap_halves(x) times the sign folded into signed_sin.
@@ -232,7 +248,7 @@ class Attention(nn.Cell):
         # decode, the whole cache) every step and layer.
         q = q.reshape(batch, kv_heads, groups * seq, self.head_dim)
         scores = self.scores_matmul(q, k) * self.scale                   # [B, K, G*S, L]
-        probs = ops.softmax(scores.astype(ms.float32) + mask.reshape(scores.shape), -1).astype(self.compute_dtype)
+        probs = softmax_last_axis(scores.astype(ms.float32) + mask.reshape(scores.shape)).astype(self.compute_dtype)
         out = ops.matmul(probs, v).reshape(batch, self.num_heads, seq, self.head_dim)
         return self.wo(swap_axes_1_2(out).reshape(batch, seq, -1))
 
