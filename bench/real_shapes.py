@@ -1,6 +1,6 @@
 """Benchmark: speed at real model shapes beside PyTorch (random weights, so nothing is downloaded).
 
-    .venv/bin/python bench/real_shapes.py [--part 135m|7b-float32|7b-float16|7b-train|compile|memory|all]
+    .venv/bin/python bench/real_shapes.py [--part 135m|7b-float32|7b-float16|7b-train|compile|memory|profile|all]
                                           [--repeats 3]
 
 135m      SmolLM2-135M's shape (30 layers, hidden 576, FFN 1536, 9 query / 3 kv heads, vocab 49,152, tied
@@ -11,6 +11,8 @@
           over 512 tokens in float32 and in float16; a training step (batch 1 x 512, float32) of one such layer
           (embeddings and output projection frozen, so both sides fit in memory at once).
 memory    the peak RSS of each 135M-shape workload per side, each run alone in a fresh process.
+profile   ours under MindSpore's profiler: per workload the kernel types that take most time, launches a run,
+          and kernel time against wall time (the rest is launch overhead and host work).
 compile   the first call of a perplexity forward (8 x 256) at hidden 576 with 2, 30 and 80 layers beside its
           steady time: the difference is what compiling costs (PyTorch's eager first call is there for scale).
 
@@ -22,9 +24,11 @@ per-round ratios, ours over PyTorch's; above 1 we are faster. Without torch and 
 from __future__ import annotations
 
 import argparse
+import csv
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,6 +143,48 @@ def part_7b_train(repeats: int) -> None:
               lambda: train_bench.transformers_peer(batch, 1, config, layers_only=True), repeats)
 
 
+def kernel_profile(run, runs: int = 2) -> tuple[list[tuple[str, float, float]], float]:
+    """MindSpore's profiler over `runs` runs of `run`: ([(kernel type, launches a run, ms a run)], most time
+    first; the kernels' ms a run in all)."""
+    import mindspore as ms
+
+    with tempfile.TemporaryDirectory() as folder:
+        profiler = ms.Profiler(output_path=folder)
+        for _ in range(runs):
+            run()
+        profiler.analyse()
+        (table,) = Path(folder).glob("*/FRAMEWORK/cpu_op_type_info_0.csv")
+        with table.open() as handle:
+            kernels = [(row["op_type"], int(row["type_occurrences"]) / runs, float(row["total_compute_time"]) / runs)
+                       for row in csv.DictReader(handle)]
+    kernels.sort(key=lambda kernel: -kernel[2])
+    return kernels, sum(ms_a_run for _, _, ms_a_run in kernels)
+
+
+def part_profile() -> None:
+    """Where our time goes, per workload: the kernel types that take most of it, and how much of a run's wall
+    time is kernels at all (the rest is launching them and the host's work between calls)."""
+    from llama.config.model import ModelConfig
+
+    config = ModelConfig(**SMOLLM2_SHAPE)
+    works = {**evaluation_works("ours", config, (1, 8)),
+             **{workload: training_works("ours", config, workload)["train step"] for workload in TRAINING_135M}}
+    width = ModelConfig(**LLAMA2_7B_WIDTH, param_dtype="float32", compute_dtype="float32")
+    works["7B-width forward"] = eval_bench.ours(width, random_rows(width.vocab_size, 1, 513), {}, 0)["perplexity"]
+    print("profile of ours (MindSpore's profiler): kernels a run, kernel time / wall time, top kernel types "
+          "(share of kernel time, launches a run)", flush=True)
+    for name, (run, _) in works.items():
+        for _ in range(1 + WARM_UP_RUNS):
+            run()
+        start = time.perf_counter()
+        run()
+        wall = (time.perf_counter() - start) * 1000
+        kernels, kernel_ms = kernel_profile(run)
+        top = ", ".join(f"{kind} {share / kernel_ms:.0%} ({launches:,.0f})" for kind, launches, share in kernels[:5])
+        print(f"  {name:<20} {sum(k[1] for k in kernels):7,.0f} kernels, {kernel_ms:8,.0f} / {wall:8,.0f} ms: {top}",
+              flush=True)
+
+
 def part_compile() -> None:
     """Seconds of the first and of a later forward, per depth; their difference is the compile."""
     from llama.config.model import ModelConfig
@@ -169,6 +215,7 @@ PARTS = {
     "7b-train": part_7b_train,
     "compile": lambda repeats: part_compile(),
     "memory": lambda repeats: part_memory(),
+    "profile": lambda repeats: part_profile(),
 }
 
 
