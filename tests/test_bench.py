@@ -1,8 +1,10 @@
-"""The benchmarks' side-by-side harness: what it runs, in which order, and what it reports (no timing asserted)."""
+"""The benchmarks' side-by-side harness: what it runs, in which order, and what it reports (no timing asserted);
+the real-shapes benchmark's kernel profile."""
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -45,3 +47,25 @@ def test_report_without_a_peer_prints_our_rates_only(capsys):
     sidebyside.report({"ppl": {"ours": [5000.0, 7000.0, 6000.0]}})
     line = capsys.readouterr().out
     assert "6,000" in line and "ratio" not in line
+
+
+def test_kernel_profile_counts_what_a_run_launches_and_sorts_by_time():
+    import mindspore as ms
+    from mindspore import ops
+
+    import real_shapes
+
+    weight = ms.Tensor(np.ones((256, 256), np.float32))
+
+    @ms.jit
+    def three_matmuls_and_an_add(x):
+        return ops.matmul(ops.matmul(ops.matmul(x, weight), weight), weight) + x
+
+    x = ms.Tensor(np.ones((64, 256), np.float32))
+    three_matmuls_and_an_add(x).asnumpy()
+    kernels, total_ms = real_shapes.kernel_profile(lambda: three_matmuls_and_an_add(x).asnumpy(), runs=2)
+    launches = {kind: count for kind, count, _ in kernels}
+    assert launches["MatMul"] == 3 and launches["Add"] == 1
+    times = [ms_a_run for _, _, ms_a_run in kernels]
+    assert times == sorted(times, reverse=True) and total_ms == pytest.approx(sum(times)) and total_ms > 0
+
