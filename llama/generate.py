@@ -6,8 +6,8 @@
 
 Prompts are left-padded into one batch. Prefill writes the prompt positions into a KV cache of fixed length
 (longest prompt + max_new_tokens, rounded up to buckets; `llama.model.KVCache`, written in place and kept with
-the graphs of its shape) in chunks of at most PREFILL_CHUNK tokens; then each decode step writes one slot. Steps have static shapes, so each graph is compiled once by `mindspore.jit` and
-reused for every token and for later calls of similar lengths (on this CPU a compiled step is about 100x faster
+the graphs of its shape) in chunks of at most PREFILL_CHUNK tokens; then each decode step writes one slot.
+Steps have static shapes, so each graph is compiled once by `mindspore.jit` and reused for every token and for later calls of similar lengths (on this CPU a compiled step is about 100x faster
 than PyNative). Chunks keep the number of graphs small: prompts of any length above a chunk share one prefill
 graph, and a caller that runs many batches (SQuAD) sizes every batch's cache for its longest prompt
 (`longest_prompt`), so that one prefill and one decode graph serve them all — for a 30-layer model each graph
@@ -16,9 +16,9 @@ only the tokens, the first cache slot they fill and each row's padding; position
 the cache slots are computed in the graph. Padding slots are masked out of attention and rotary positions
 count from each prompt's first real token, so a padded prompt decodes exactly as it does alone.
 
-Greedy decoding (temperature 0) runs several steps per graph call (`GreedyChunk`), feeding each argmax back
-inside the graph: for a small model the host round trip of every call costs as much as the step itself.
-Sampling (temperature, top-k, top-p, seeded) runs in numpy on the last position's logits, one step per call.
+Greedy decoding (temperature 0) takes the argmax inside the graph (`GreedyStep`), so a step hands the host B
+ids instead of [B, V] logits. Sampling (temperature, top-k, top-p, seeded) runs in numpy on the last
+position's logits.
 """
 
 from __future__ import annotations
@@ -79,45 +79,34 @@ class DecodeStep(nn.Cell):
     def __init__(self, model, cache: KVCache):
         super().__init__(auto_prefix=False)
         self.model, self.cache = model, cache
-        self.last_position = model.config.max_position_embeddings - 1
 
     def construct(self, input_ids, first_slot, pads):
         """input_ids int32 [B, S]; first_slot int32 scalar; pads int32 [B], each row's left padding.
         Returns float32 logits [B, V]."""
         batch, seq = input_ids.shape
         query_slots = first_slot + ops.arange(seq, dtype=ms.int32)                        # [S]
-        # positions count from each row's first real token; clamped so that a greedy chunk's steps past
-        # max_new_tokens (computed, then discarded) still index the rotary tables
-        positions = ops.clamp(query_slots.reshape(1, seq) - pads.reshape(batch, 1), 0, self.last_position)
+        # positions count from each row's first real token (a padding slot's, masked out, is clamped to 0)
+        positions = ops.maximum(query_slots.reshape(1, seq) - pads.reshape(batch, 1), 0)
         key_slots = ops.arange(self.cache.length, dtype=ms.int32).reshape(1, 1, -1)
         allowed = ops.logical_and(key_slots <= query_slots.reshape(1, seq, 1), key_slots >= pads.reshape(batch, 1, 1))
         mask = ops.where(allowed, 0.0, NEG_INF).reshape(batch, 1, seq, -1)
         return self.model.decode(input_ids, positions, mask, self.cache.rows_of(query_slots), self.cache)
 
 
-class GreedyChunk(nn.Cell):
-    """`steps` greedy decode steps in one graph, each feeding its argmax to the next."""
+class GreedyStep(nn.Cell):
+    """A decode step that returns its argmax: the host fetches B ids, not [B, V] logits. One step per call: a
+    graph of several steps reads every weight several times between cache writes, and MindSpore copies a
+    Parameter on each such read (the tiny model decoded 142 tokens/s that way against 302 at one step)."""
 
-    def __init__(self, step: DecodeStep, steps: int):
+    def __init__(self, step: DecodeStep):
         super().__init__(auto_prefix=False)
-        self.step, self.steps = step, steps
+        self.step = step
         self.argmax = ops.ArgMaxWithValue(axis=-1)   # first maximum, as argmax, in under half its time on CPU
 
     def construct(self, input_ids, first_slot, pads):
-        """input_ids int32 [B, 1], the last chosen tokens, go to slot first_slot; returns the next `steps`
-        tokens int32 [B, steps]."""
-        chosen = ()
-        for offset in range(self.steps):
-            logits = self.step(input_ids, first_slot + offset, pads)
-            input_ids = self.argmax(logits)[0].astype(ms.int32).reshape(-1, 1)
-            chosen += (input_ids,)
-        return ops.concat(chosen, 1)
-
-
-def greedy_chunk_steps(config) -> int:
-    """Steps per greedy graph: enough to amortise the per-call cost for small models, while a graph holds at
-    most about 16 decoder layers so that compiling stays quick (a 32-layer model decodes one step per call)."""
-    return max(1, min(8, 16 // config.num_layers))
+        """input_ids int32 [B, 1], the last chosen tokens, go to slot first_slot; returns the next tokens int32
+        [B, 1]."""
+        return self.argmax(self.step(input_ids, first_slot, pads))[0].astype(ms.int32).reshape(-1, 1)
 
 
 class _Graphs:
@@ -127,7 +116,7 @@ class _Graphs:
 
     def __init__(self, model):
         self.model = model
-        self.cells = {}      # (rows, cache length, greedy steps or 0 for one step) -> the cell's construct
+        self.cells = {}      # (rows, cache length, greedy) -> the cell's construct
         self.caches = {}     # (rows, cache length) -> KVCache, shared by that shape's cells
         self.shapes = []     # (rows, prefill chunk, cache length)
 
@@ -137,15 +126,15 @@ class _Graphs:
             model._generation_graphs = _Graphs(model)
         return model._generation_graphs
 
-    def cell(self, rows: int, length: int, greedy_steps: int = 0):
-        """The decode step over a rows x length cache, or with `greedy_steps` a greedy chunk of that many."""
-        if (rows, length, greedy_steps) not in self.cells:
+    def cell(self, rows: int, length: int, greedy: bool = False):
+        """The decode step over a rows x length cache (greedy: returning its argmax)."""
+        if (rows, length, greedy) not in self.cells:
             if (rows, length) not in self.caches:
                 self.caches[rows, length] = KVCache(self.model.config, rows, length)
             step = DecodeStep(self.model, self.caches[rows, length])
-            cell = GreedyChunk(step, greedy_steps) if greedy_steps else step
-            self.cells[rows, length, greedy_steps] = compiled_or_eager(cell.construct, self.model)
-        return self.cells[rows, length, greedy_steps]
+            cell = GreedyStep(step) if greedy else step
+            self.cells[rows, length, greedy] = compiled_or_eager(cell.construct, self.model)
+        return self.cells[rows, length, greedy]
 
     def shape(self, batch: int, longest: int, chunk: int, length: int, decode_slots: int) -> tuple[int, int, int]:
         """(rows, prefill chunk, cache length) for a call that needs (batch, chunk, length): the smallest shape
@@ -193,11 +182,10 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
         raise PipelineError(f"prompt ({reserved}) + max new tokens ({max_new_tokens}) exceeds the model's "
                             f"{config.max_position_embeddings} positions")
     greedy = temperature <= 0
-    chunk = greedy_chunk_steps(config) if greedy else 1
     # Round the padded prompt and the cache up to buckets, so calls with similar lengths share compiled graphs.
-    # After the prefill's token, decode steps come in whole chunks: the cache holds every slot they write.
+    # After the prefill's token, each decode step writes one slot.
     reserved_len, prefill_chunk = _padded_prompt(reserved)
-    decode_slots = _round_up(max_new_tokens - 1, chunk)
+    decode_slots = max_new_tokens - 1
     graphs = _Graphs.of(model)
     rows, prefill_chunk, length = graphs.shape(batch, longest, prefill_chunk,
                                                _round_up(reserved_len + decode_slots, CACHE_BUCKET), decode_slots)
@@ -209,8 +197,7 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
         tokens[row, pads[row]:] = ids
     model.set_train(False)
     step = graphs.cell(rows, length)
-    if greedy:
-        step_chunk = graphs.cell(rows, length, chunk)
+    greedy_step = graphs.cell(rows, length, greedy=True) if greedy else None
     pads = ms.Tensor(pads)
     # A cache's slots from an earlier call need no clearing: a step attends only to the slots this call has
     # written (the prompt's, then one per step), and the mask gives every other slot a probability of 0.
@@ -245,14 +232,9 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     while not finished:
         inputs = (as_input(next_ids), ms.Tensor(slot, ms.int32), pads)
         if greedy:
-            chosen = step_chunk(*inputs)
-            columns = chosen.asnumpy()[:batch].T
+            next_ids = greedy_step(*inputs).asnumpy()[:batch, 0]
         else:
-            logits = step(*inputs)
-            columns = [_sample(logits.asnumpy()[:batch], temperature, top_k, top_p, rng)]
-        for next_ids in columns:
-            finished = emit(next_ids)
-            if finished:
-                break
-        slot += len(columns)
+            next_ids = _sample(step(*inputs).asnumpy()[:batch], temperature, top_k, top_p, rng)
+        finished = emit(next_ids)
+        slot += 1
     return out
