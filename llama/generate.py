@@ -6,15 +6,15 @@
 
 Prompts are left-padded into one batch. Prefill writes the prompt positions into a KV cache of fixed length
 (longest prompt + max_new_tokens, rounded up to buckets; `llama.model.KVCache`, written in place and kept with
-the graphs of its shape) in chunks of at most PREFILL_CHUNK tokens; then each decode step writes one slot.
-Steps have static shapes, so each graph is compiled once by `mindspore.jit` and reused for every token and
-for later calls of similar lengths (on this CPU a compiled step is about 100x faster than PyNative). Chunks keep the number of graphs small: prompts of any length above a chunk share one prefill
-graph, and a caller that runs many batches (SQuAD) sizes every batch's cache for its longest prompt
-(`longest_prompt`), so that one prefill and one decode graph serve them all — for a 30-layer model each graph
-costs tens of seconds to compile. A step takes
-only the tokens, the first cache slot they fill and each row's padding; positions, the attention mask and
-the cache slots are computed in the graph. Padding slots are masked out of attention and rotary positions
-count from each prompt's first real token, so a padded prompt decodes exactly as it does alone.
+the graphs of its shape) in chunks of at most PREFILL_CHUNK tokens; then each decode step writes one slot. Steps
+have static shapes, so each graph is compiled once by `mindspore.jit` and reused for every token and for later
+calls of similar lengths (on this CPU a compiled step is about 100x faster than PyNative). Chunks keep the
+number of graphs small: prompts of any length above a chunk share one prefill graph, and a caller that runs many
+batches (SQuAD) sizes every batch's cache for its longest prompt (`longest_prompt`), so that one prefill and one
+decode graph serve them all — for a 30-layer model each graph costs tens of seconds to compile. A step takes
+only the tokens, the first cache slot they fill and each row's padding; positions, the attention mask and the
+cache slots are computed in the graph. Padding slots are masked out of attention and rotary positions count from
+each prompt's first real token, so a padded prompt decodes exactly as it does alone.
 
 Greedy decoding (temperature 0) takes the argmax inside the graph (`GreedyStep`), so a step hands the host B
 ids instead of [B, V] logits. Sampling (temperature, top-k, top-p, seeded) runs in numpy on the last

@@ -362,7 +362,9 @@ class LlamaForCausalLM(nn.Cell):
         Tied embeddings are read once, for the lookup and the output projection: in a graph that writes
         Parameters, MindSpore copies a Parameter on each of several reads (two 113 MB copies a step for
         SmolLM2-135M's table)."""
-        table = self.model.tok_embeddings.embedding_weight.reshape(self.config.vocab_size, -1) if self.lm_head is None else None
+        # each use of a Parameter in a graph reads it anew; the reshape's output is a tensor, read once
+        table = None if self.lm_head is not None else \
+            self.model.tok_embeddings.embedding_weight.reshape(self.config.vocab_size, -1)
         hidden = self.model(input_ids, positions, mask, kv_caches, cache_rows, prefix_key_values, table)
         batch, seq, _ = hidden.shape
         # a decode step's single position by a reshape, which costs no kernel (a slice is one per step)
