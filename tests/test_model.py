@@ -6,7 +6,7 @@ import mindspore as ms
 
 from llama.config.model import ModelConfig
 from llama.errors import PipelineError
-from llama.model import LlamaForCausalLM, apply_rotary, rotary_tables, swap_axes_1_2
+from llama.model import LlamaForCausalLM, apply_rotary, rotary_tables, softmax_last_axis, swap_axes_1_2
 from llama.weights.load import load_checkpoint, params_source
 
 
@@ -56,6 +56,25 @@ def test_swap_axes_1_2_and_its_gradient_are_the_transposes_they_replace():
         return (swap_axes_1_2(t) * ms.Tensor(weight)).sum()
 
     np.testing.assert_allclose(ms.jit(ms.grad(weighted_sum))(ms.Tensor(x)).asnumpy(), weight.transpose(0, 2, 1, 3))
+
+
+def test_softmax_and_its_explicitly_broadcast_gradient_equal_mindspores_own():
+    """Both at a large shape (the gradient's sum is broadcast explicitly there) and at a small one (implicitly)."""
+    rng = np.random.default_rng(0)
+    for shape in ((2, 3, 96, 256), (1, 3, 1, 8)):
+        x = ms.Tensor(rng.standard_normal(shape).astype(np.float32) * 4)
+        weight = ms.Tensor(rng.standard_normal(shape).astype(np.float32))
+
+        def ours_weighted(t):
+            return (softmax_last_axis(t) * weight).sum()
+
+        def theirs_weighted(t):
+            return (ms.ops.softmax(t, -1) * weight).sum()
+
+        ours, theirs = (ms.jit(ms.grad(weighted))(x).asnumpy() for weighted in (ours_weighted, theirs_weighted))
+        np.testing.assert_array_equal(ms.jit(softmax_last_axis)(x).asnumpy(), ms.ops.softmax(x, -1).asnumpy())
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+        assert np.abs(ours).max() > 0.1
 
 
 def test_compiled_forward_matches_pynative(hf_model, input_ids):
