@@ -127,7 +127,11 @@ class _Graphs:
         return model._generation_graphs
 
     def cell(self, rows: int, length: int, greedy: bool = False):
-        """The decode step over a rows x length cache (greedy: returning its argmax)."""
+        """The decode step over a rows x length cache (greedy: returning its argmax). Eagerly only this shape's
+        cells and cache are kept: nothing is compiled, and a 7B model's cache is large."""
+        if not runs_compiled(self.model):
+            self.cells = {key: cell for key, cell in self.cells.items() if key[:2] == (rows, length)}
+            self.caches = {key: cache for key, cache in self.caches.items() if key == (rows, length)}
         if (rows, length, greedy) not in self.cells:
             if (rows, length) not in self.caches:
                 self.caches[rows, length] = KVCache(self.model.config, rows, length)
@@ -139,11 +143,8 @@ class _Graphs:
     def shape(self, batch: int, longest: int, chunk: int, length: int, decode_slots: int) -> tuple[int, int, int]:
         """(rows, prefill chunk, cache length) for a call that needs (batch, chunk, length): the smallest shape
         already compiled that holds it, since extra rows and padding cost far less than compiling a 30-layer
-        model's prefill and decode graphs again (about 20 s); else its own, remembered. Eagerly, its own, and
-        the cells and caches of earlier calls go: nothing is compiled, and a 7B model's cache is large."""
+        model's prefill and decode graphs again (about 20 s); else its own, remembered. Eagerly, its own."""
         if not runs_compiled(self.model):
-            self.cells.clear()
-            self.caches.clear()
             return batch, chunk, length
         fitting = [(rows, c, cache) for rows, c, cache in self.shapes
                    if rows >= batch and cache >= length and _round_up(longest, c) + decode_slots <= cache]
