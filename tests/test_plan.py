@@ -43,7 +43,10 @@ def test_parallelism_divides_what_it_should():
     assert whole.terms["weights"] / 8 < parted.terms["weights"] < whole.terms["weights"] / 4
     assert parted.terms["logits"] == whole.terms["logits"] // 4
     assert parted.total < whole.total
-    assert plan_memory(base, 1024, model, recompute=True).total < whole.total
+    recomputed = load_train_config(RECIPES / "finetune_llama2_13b.yaml", ["parallel.model_parallel=1",
+                                                                            "parallel.pipeline_stage=1",
+                                                                            "training.recompute=true"])
+    assert plan_memory(recomputed, 1024, model).total < whole.total
 
 
 def test_sizes_parse_binary_and_decimal_units():
@@ -90,3 +93,26 @@ def test_plan_command_reports_the_seed_recipe_on_64gib_devices(capsys):
     assert result["fits"] is (result["total_gib"] <= 64.0)
     assert result["weights_gib"] == pytest.approx((6_738_415_616 * 2 + result["trainable_parameters"] * 4) / GiB,
                                                   abs=0.01)
+
+
+@pytest.mark.slow
+def test_recompute_lowers_the_measured_peak_by_what_the_plan_says(alpaca_records, tmp_path):
+    """Eight tiny layers over rows of 384 tokens, where activations outweigh the weights: `training.recompute`
+    must save at least half the activation memory the plan says it saves."""
+    model = tmp_path / "tiny8.yaml"
+    model.write_text((REPO / "configs/model/tiny.yaml").read_text().replace("num_layers: 2", "num_layers: 8"))
+    exe = Path(sys.executable).parent / "llama2-pipeline"
+    peaks, plans = {}, {}
+    for recompute in ("false", "true"):
+        overrides = [f"data.train={alpaca_records}", f"model.config={model}", "training.max_steps=2",
+                     f"training.recompute={recompute}"]
+        peaks[recompute] = _peak_rss([str(exe), "train", "--config", str(RECIPES / "tiny_pretrain.yaml"),
+                                      "--output-dir", str(tmp_path / recompute), *overrides], tmp_path)
+        planned = subprocess.run([str(exe), "plan", "--config", str(RECIPES / "tiny_pretrain.yaml"), "--json",
+                                  *overrides], capture_output=True, text=True, check=True)
+        plans[recompute] = json.loads(planned.stdout.splitlines()[-1])["total_gib"] * GiB
+    planned_saving, measured_saving = plans["false"] - plans["true"], peaks["false"] - peaks["true"]
+    print(f"plan {plans['false'] / GiB:.2f} -> {plans['true'] / GiB:.2f} GiB, "
+          f"measured {peaks['false'] / GiB:.2f} -> {peaks['true'] / GiB:.2f} GiB")
+    assert planned_saving > 0.15 * plans["false"]
+    assert measured_saving > planned_saving / 2, (planned_saving / GiB, measured_saving / GiB)

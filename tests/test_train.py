@@ -10,6 +10,7 @@ from llama.config.train import TrainConfig, load_train_config
 from llama.errors import PipelineError
 from llama.train.schedule import learning_rate
 from llama.train.trainer import train
+from llama.weights.mindspore_ckpt import read_ckpt_index
 from train_support import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -225,3 +226,44 @@ def test_a_full_finetune_of_a_30_layer_model_compiles_and_trains():
     first, _, finite = stepper.step([(rows, rows)], 1e-3, 1.0)
     second, _, _ = stepper.step([(rows, rows)], 1e-3, 1.0)
     assert finite and np.isfinite(first) and second < first
+
+
+ADAPTERS = {"full": {"type": "none"},
+            "lora": {"type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.1},
+            "prefix": {"type": "prefix", "prefix_token_num": 4, "mid_dim": 32, "dropout_rate": 0.1}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ADAPTERS)
+def test_recomputed_layers_train_to_the_same_weights(kind, alpaca_records, base_checkpoint, tmp_path):
+    """training.recompute changes where the backward pass gets activations, not the step: the same losses and
+    weights, dropout masks included, up to float rounding (the recomputed graph sums gradients in another
+    order; AdamW's first steps, about lr * sign(gradient), carry that to about 1e-5 of a weight)."""
+    runs = {}
+    for recompute in (False, True):
+        run = tmp_path / f"recompute_{recompute}"
+        train(tiny_config(run_mode="finetune", model={"checkpoint": str(base_checkpoint)}, pet=ADAPTERS[kind],
+                          data={"train": str(alpaca_records), "batch_size": 2},
+                          training={"max_steps": 3, "recompute": recompute}, checkpoint={"save_steps": 3}), run)
+        losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        weights = read_ckpt_index(run / "rank_0/step_00000003/weights.ckpt")
+        runs[recompute] = losses, {name: entry.read() for name, entry in weights.items()}
+    (losses, weights), (recomputed_losses, recomputed_weights) = runs[False], runs[True]
+    assert len(losses) == 3 and recomputed_losses == pytest.approx(losses, rel=1e-5)
+    assert recomputed_weights.keys() == weights.keys()
+    for name, weight in weights.items():
+        np.testing.assert_allclose(recomputed_weights[name], weight, rtol=0, atol=1e-4 * np.abs(weight).max(),
+                                   err_msg=name)
+
+
+def test_resume_takes_a_setting_newer_than_the_run_as_its_default(tmp_path):
+    """A run saved before `training.recompute` existed resumes with it off, and refuses it on, by name."""
+    from llama.config.train import TrainConfig
+    from llama.train.run_folder import CONFIG_FILE, prepare_output
+
+    saved = TrainConfig.from_dict(tiny_config()).to_dict()
+    del saved["training"]["recompute"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
+    assert prepare_output(TrainConfig.from_dict(tiny_config()), tmp_path, resume=True) == 0
+    with pytest.raises(PipelineError, match=r"different settings .*: training\.recompute \(start a new"):
+        prepare_output(TrainConfig.from_dict(tiny_config(training={"recompute": True})), tmp_path, resume=True)

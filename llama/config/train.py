@@ -51,6 +51,8 @@ class TrainingSection:
     gradient_accumulation_steps: PositiveInt = 1
     max_grad_norm: PositiveFloat | None = 1.0  # null: no clipping
     log_every: PositiveInt = 1
+    recompute: bool = False              # MindFormers' recompute_config.recompute: every decoder layer's
+                                         # activations recomputed in the backward pass (less memory, slower step)
 
 
 @dataclass(config=SCHEMA)

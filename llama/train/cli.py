@@ -28,7 +28,7 @@ def _plan(args) -> dict:
                             "set model.config")
     memory = parse_size(args.device_memory) if args.device_memory else device_memory()
     # the rows' scored positions hold for their own length, not for a --seq-length asked instead
-    plan = plan_memory(config, args.seq_length or seq_length_of(config, model), model, recompute=args.recompute,
+    plan = plan_memory(config, args.seq_length or seq_length_of(config, model), model,
                        logit_positions=None if args.seq_length else logit_positions_of(config),
                        cpu_memory=None if args.device_memory else memory)
     fits = plan.fits(memory)
@@ -65,7 +65,6 @@ def register(subparsers) -> None:
     parser.add_argument("--device-memory", help="memory of one device, e.g. 64GiB (default: this machine's RAM)")
     parser.add_argument("--seq-length", type=int,
                         help="tokens per row (default: the rows of data.train, else the model's context)")
-    parser.add_argument("--recompute", action="store_true", help="count activations as with full recomputation")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.batch_size=1")
 
     parser = add_command(subparsers, "merge", _merge,

@@ -57,8 +57,17 @@ def build_network(config: TrainConfig) -> Network:
     pet = config.pet
     if pet.type == "lora":
         apply_lora(model, pet.lora_rank, pet.lora_alpha, pet.lora_dropout, pet.target_modules)
-        return Network(model, model_config, "lora", base)
+    if config.training.recompute:
+        recompute_layers(model)
     if pet.type == "prefix":
         return Network(PrefixTunedLM(model, pet.prefix_token_num, pet.mid_dim, pet.dropout_rate),
                        model_config, "prefix", base)
-    return Network(model, model_config, "full", base)
+    return Network(model, model_config, "lora" if pet.type == "lora" else "full", base)
+
+
+def recompute_layers(model: LlamaForCausalLM) -> None:
+    """Keep only each decoder layer's input for the backward pass and compute the rest again there (after LoRA
+    wraps the layers' Linears, so that the adapters are recomputed too). Keyed dropout draws the same masks
+    again, so the step's result is unchanged."""
+    for layer in model.model.layers:
+        layer.recompute()

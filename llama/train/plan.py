@@ -10,9 +10,10 @@ Per device, for the recipe's data x model x pipeline parallel layout (the worst 
 - gradients and optimizer states: float32 for each trainable parameter (AdamW: two moments);
 - activations: what the backward pass keeps of one micro-batch through every layer (counted from the tensors
   llama/model.py saves: the norms, q/k/v before and after the rotary embedding, the attention scores and
-  probabilities, the SwiGLU's three intermediates), with and without recomputation (then only each layer's
-  input plus one layer's full set); 1F1B pipelining keeps min(pipeline_stage, micro_batch_num) micro-batches
-  in flight on the first stage, so pipelining does not shrink this term;
+  probabilities, the SwiGLU's three intermediates), with and without recomputation (`training.recompute`:
+  then only each layer's input plus one layer's full set; the total counts the recipe's choice); 1F1B
+  pipelining keeps min(pipeline_stage, micro_batch_num) micro-batches in flight on the first stage, so
+  pipelining does not shrink this term;
 - logits: float32 [tokens, vocab] tensors of the loss: the logits and log-probabilities of the forward (which
   the training step runs for the loss value and again inside the gradient pass) and their gradients; five are
   alive at the peak, as measured here;
@@ -56,7 +57,8 @@ MATMUL = re.compile(r"\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
 
 @dataclass
 class MemoryPlan:
-    """Bytes per device by term; `recompute` says which activation term the total uses."""
+    """Bytes per device by term; `recompute` (the recipe's `training.recompute`) says which activation term the
+    total uses."""
     terms: dict[str, int]
     activations_recomputed: int
     devices: dict[str, int]
@@ -64,17 +66,21 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def counted(self) -> dict[str, int]:
+        """The terms the total adds: activations as the recipe computes them."""
+        if not self.recompute:
+            return self.terms
+        return {**self.terms, "activations": self.activations_recomputed}
+
+    @property
     def total(self) -> int:
-        terms = dict(self.terms)
-        if self.recompute:
-            terms["activations"] = self.activations_recomputed
-        return sum(terms.values())
+        return sum(self.counted.values())
 
     def fits(self, device_memory: int) -> bool:
         return self.total <= device_memory
 
     def biggest_term(self) -> str:
-        return max(self.terms, key=self.terms.get)
+        return max(self.counted, key=self.counted.get)
 
     def rows(self) -> dict:
         """Flat `key: value` results for the CLI, sizes in GiB to two decimals."""
@@ -115,9 +121,8 @@ def layer_activation_bytes(model: ModelConfig, rows: int, seq: int, compute_byte
     return replicated + (sharded + scores) // model_parallel
 
 
-def plan_memory(config: TrainConfig, seq_length: int, model: ModelConfig, recompute: bool = False,
-                runtime_bytes: int = RUNTIME_BYTES, logit_positions: int | None = None,
-                cpu_memory: int | None = None) -> MemoryPlan:
+def plan_memory(config: TrainConfig, seq_length: int, model: ModelConfig, runtime_bytes: int = RUNTIME_BYTES,
+                logit_positions: int | None = None, cpu_memory: int | None = None) -> MemoryPlan:
     """The per-device memory plan of `config` over rows of `seq_length` tokens, of which the loss computes
     logits at `logit_positions` per row (default: all; `logit_positions_of` reads them from the rows).
     `cpu_memory`: plan for MindSpore's CPU backend on a machine of that much memory (this one), with the terms
@@ -173,7 +178,7 @@ def plan_memory(config: TrainConfig, seq_length: int, model: ModelConfig, recomp
                "compute_dtype": compute,
                "param_dtype": model.param_dtype, "trainable_parameters": int(sum(trainable.values())),
                "parameters": int(sum(_size(s) for s in shapes.values()))}
-    return MemoryPlan(terms, int(recomputed), devices, recompute)
+    return MemoryPlan(terms, int(recomputed), devices, config.training.recompute)
 
 
 def refuse_if_too_big(plan: MemoryPlan, device_memory: int, where: str) -> None:
@@ -186,7 +191,9 @@ def refuse_if_too_big(plan: MemoryPlan, device_memory: int, where: str) -> None:
         "weight_casts": "store the weights in the compute dtype",
         "gradients": "train fewer parameters (LoRA, prefix) or split the model (model_parallel)",
         "optimizer_states": "train fewer parameters (LoRA, prefix) or split the model (model_parallel)",
-        "activations": "lower data.batch_size or the sequence length, or add model_parallel",
+        "activations": ("lower data.batch_size or the sequence length, or add model_parallel" if plan.recompute else
+                        "set training.recompute=true, lower data.batch_size or the sequence length, or add "
+                        "model_parallel"),
         "logits": "lower data.batch_size or the sequence length",
         "frozen_graph_copy": "store the frozen weights in float16",
         "dropout_hashes": "lower pet.lora_dropout to 0, data.batch_size or the sequence length",
@@ -194,7 +201,7 @@ def refuse_if_too_big(plan: MemoryPlan, device_memory: int, where: str) -> None:
     }[term]
     raise PipelineError(f"{where}: needs {plan.total / GiB:.1f} GiB per device but the device has "
                         f"{device_memory / GiB:.1f} GiB; the biggest term is {term} "
-                        f"({plan.terms[term] / GiB:.1f} GiB): {advice}")
+                        f"({plan.counted[term] / GiB:.1f} GiB): {advice}")
 
 
 def model_config_of(config: TrainConfig) -> ModelConfig | None:

@@ -51,9 +51,12 @@ def prepare_output(config: TrainConfig, output_dir: Path, resume: bool) -> int:
 
 
 def _changed_settings(saved: dict, current: dict) -> list[str]:
+    """Settings of `current` that differ from the run's `saved` ones; a setting newer than the saved run counts
+    as its default there (the run trained with what that setting's default does)."""
+    defaults = TrainConfig().to_dict()
     return sorted(f"{section}.{key}" for section, values in current.items() if isinstance(values, dict)
-                  for key, value in values.items()
-                  if (section, key) not in RESUMABLE_CHANGES and saved.get(section, {}).get(key) != value) + \
+                  for key, value in values.items() if (section, key) not in RESUMABLE_CHANGES
+                  and saved.get(section, {}).get(key, defaults[section][key]) != value) + \
         sorted(key for key, value in current.items() if not isinstance(value, dict) and saved.get(key) != value)
 
 
