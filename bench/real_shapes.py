@@ -5,8 +5,9 @@
 
 135m      SmolLM2-135M's shape (30 layers, hidden 576, FFN 1536, 9 query / 3 kv heads, vocab 49,152, tied
           embeddings): a perplexity forward over 8 rows of 512 tokens, a full-finetune training step (batch
-          4 x 256, AdamW), a LoRA step (rank 8 on q/k/v/o; the peer is transformers + peft), and generation at
-          batch 1 and 8 (64 new tokens after a 128-token prompt).
+          4 x 256, AdamW), a LoRA step (rank 8 on q/k/v/o; the peer is transformers + peft), both again with
+          every decoder layer recomputed in the backward pass (`training.recompute`; the peer: transformers'
+          gradient checkpointing), and generation at batch 1 and 8 (64 new tokens after a 128-token prompt).
 7b-*      two decoder layers at Llama-2-7B's width (hidden 4096, FFN 11008, 32 heads, vocab 32000): a forward
           over 512 tokens in float32 and in float16; a training step (batch 1 x 512, float32) of one such layer
           (embeddings and output projection frozen, so both sides fit in memory at once).
@@ -59,7 +60,9 @@ def run_sides(title: str, ours: dict, peer, repeats: int) -> None:
     report(compare(sides, repeats))
 
 
-TRAINING_135M = {"full finetune step": None, "LoRA step": LORA_TARGETS}   # workload -> LoRA targets
+# workload -> (LoRA targets, recompute: ours `training.recompute`, PyTorch's gradient checkpointing)
+TRAINING_135M = {"full finetune step": (None, False), "LoRA step": (LORA_TARGETS, False),
+                 "full, recompute": (None, True), "LoRA, recompute": (LORA_TARGETS, True)}
 WORKLOADS_135M = ("perplexity", "generate batch 1", "generate batch 8", *TRAINING_135M)
 
 
@@ -74,7 +77,8 @@ def training_works(side: str, config, workload: str) -> dict:
     """One training step, batch 4 x 256, as {"train step": work}."""
     batch = random_rows(config.vocab_size, 4, 257)
     build = train_bench.ours if side == "ours" else train_bench.transformers_peer
-    return build(batch, 1, config, TRAINING_135M[workload])
+    lora_targets, recompute = TRAINING_135M[workload]
+    return build(batch, 1, config, lora_targets, recompute=recompute)
 
 
 def part_135m(repeats: int) -> None:
@@ -84,7 +88,9 @@ def part_135m(repeats: int) -> None:
     run_sides("135M shape: perplexity 8 x 512, generation batch 1 and 8 (128-token prompts, 64 new tokens)",
               evaluation_works("ours", config, (1, 8)), lambda: evaluation_works("pytorch", config, (1, 8)), repeats)
     for workload in TRAINING_135M:
-        run_sides(f"135M shape: {workload}, batch 4 x 256" + (", rank 8 on q/k/v/o" if TRAINING_135M[workload] else ""),
+        lora_targets, recompute = TRAINING_135M[workload]
+        run_sides(f"135M shape: {workload}, batch 4 x 256" + (", rank 8 on q/k/v/o" if lora_targets else "")
+                  + (" (layers recomputed in the backward pass; PyTorch: gradient checkpointing)" if recompute else ""),
                   training_works("ours", config, workload),
                   lambda workload=workload: training_works("pytorch", config, workload), repeats)
 

@@ -31,20 +31,24 @@ def steps_work(step, rows: np.ndarray, steps: int) -> dict[str, Work]:
 
 
 def ours(rows: np.ndarray, steps: int, config=None, lora_targets: str | None = None,
-         layers_only: bool = False) -> dict[str, Work]:
+         layers_only: bool = False, recompute: bool = False) -> dict[str, Work]:
     """Our step on `config` (default: the tiny one); with `lora_targets` (e.g. "wq|wk|wv|wo") a rank-8 LoRA
-    step on a frozen base; with `layers_only`, the embeddings and output projection frozen."""
+    step on a frozen base; with `layers_only`, the embeddings and output projection frozen; with `recompute`,
+    the decoder layers recomputed in the backward pass (`training.recompute`)."""
     import mindspore as ms
     from llama.config.model import ModelConfig
     from llama.config.train import OptimizerSection
     from llama.model import LlamaForCausalLM
     from llama.train.lora import apply_lora
+    from llama.train.network import recompute_layers
     from llama.train.step import Stepper
 
     ms.set_seed(0)
     model = LlamaForCausalLM(config or ModelConfig.named("tiny"))
     if lora_targets:
         apply_lora(model, LORA_RANK, LORA_RANK, 0.0, lora_targets)
+    if recompute:
+        recompute_layers(model)
     for name, param in model.parameters_and_names():
         if layers_only and "layers." not in name:
             param.requires_grad = False
@@ -54,9 +58,10 @@ def ours(rows: np.ndarray, steps: int, config=None, lora_targets: str | None = N
 
 
 def transformers_peer(rows: np.ndarray, steps: int, config=None, lora_targets: str | None = None,
-                      layers_only: bool = False) -> dict[str, Work]:
+                      layers_only: bool = False, recompute: bool = False) -> dict[str, Work]:
     """The same step in transformers + torch.optim.AdamW; with `lora_targets`, through peft (the same rank,
-    on the matching q/k/v/o projections)."""
+    on the matching q/k/v/o projections); with `recompute`, transformers' gradient checkpointing of each
+    decoder layer."""
     import torch
     import transformers
     from llama.config.model import ModelConfig
@@ -64,6 +69,8 @@ def transformers_peer(rows: np.ndarray, steps: int, config=None, lora_targets: s
     torch.manual_seed(0)
     hf_config = transformers.LlamaConfig(**(config or ModelConfig.named("tiny")).to_hf_config())
     model = transformers.LlamaForCausalLM(hf_config).train()
+    if recompute:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora_targets:
         import peft
 
