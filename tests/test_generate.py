@@ -141,3 +141,17 @@ def test_a_model_whose_graphs_would_not_fit_runs_eagerly_with_the_same_results(h
     assert generate(eager, prompts, max_new_tokens=6, eos_id=None) == expected_ids
     np.testing.assert_allclose(TokenNLL(eager, rows=2)(ids[:, :-1], ids[:, 1:]), expected_nll, rtol=1e-5, atol=1e-6)
     assert "warning: running eagerly" in capsys.readouterr().err
+
+
+def test_float16_decoding_agrees_with_a_float16_forward_and_with_transformers(hf_dir, prompts):
+    """Float16 compute keeps a float16 KV cache: each greedy token is the argmax of a float16 forward over the
+    prompt and the tokens chosen before it, and on this model the ids are still transformers' float32 ones."""
+    import mindspore as ms
+
+    model = load_checkpoint(hf_dir, dtype="float16")[0]
+    assert model.config.compute_dtype == "float16"
+    out = generate(model, [prompts[0]], max_new_tokens=16, eos_id=None)[0]
+    ids = prompts[0] + out
+    logits = model(ms.Tensor([ids[:-1]], ms.int32)).asnumpy()[0]          # [S, V]
+    assert out == logits[len(prompts[0]) - 1:].argmax(-1).tolist()
+    assert ids == np.load(hf_dir / "greedy_ids.npy")[0].tolist()
