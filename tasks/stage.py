@@ -40,7 +40,7 @@ def stage_task(work: Task, log: Log | None = None, context: str | None = None) -
             for name, path in (inputs or {}).items():
                 run.log_dataset(name, path, context)
             own_run = {"run_id": run.run_id} if takes_run_id else {}
-            state = work.with_options(task_run_name=stage)(**arguments, **own_run, return_state=True)
+            state = work(**arguments, **own_run, return_state=True)   # under its own run name, nested in `stage`
             result = state.result()
             cached = state.name == "Cached"
             if log is not None:

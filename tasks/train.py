@@ -107,7 +107,7 @@ MERGE = CachedStage("merge", calls=("llama.train.merge",), file_params=("run_dir
                     outputs_valid=verified_by(verify_folder))
 
 
-@task(name="merge", cache_key_fn=MERGE.cache_key_fn, persist_result=True, task_run_name="merge")
+@task(name="merge", cache_key_fn=MERGE.cache_key_fn, persist_result=True, task_run_name="merge-{fmt}")
 @MERGE.exclusive
 def merge(run_dir: str, base: str | None, tokenizer: str | None, work_dir: str, fmt: str = "ckpt") -> dict:
     """Rank checkpoints (and a LoRA adapter with its base) into one verified checkpoint folder."""

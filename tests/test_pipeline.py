@@ -84,6 +84,10 @@ def test_demo_evaluates_base_and_finetuned_reruns_from_cache_and_reruns_only_wha
         {i.dataset.digest for i in stages["prepare-data"].inputs.dataset_inputs}   # the same data, by content
     version = client.get_model_version("llama2-tiny", first["registered"]["version"])
     assert float(version.tags["metric.ppl_mindformers"]) == pytest.approx(metrics["finetuned.ppl_mindformers"])
+    # In Prefect, each stage's task run holds the cached task's run, under that task's own name, not the stage's
+    names = _prefect_task_run_names(parent.data.tags["prefect_flow_run_id"])
+    assert names.count("train") == names.count("merge") == names.count("convert") == 1
+    assert {"train-tiny_lora", "merge-ckpt", "squad", "samples"} <= set(names)
     artifacts = _prefect_artifacts()
     assert {"pipeline-metrics", "stage-train", "stage-squad-base", "stage-squad-finetuned"} <= set(artifacts)
     assert f"run {parent.info.run_id} in {tracking_uri()}" in artifacts["pipeline-metrics"]   # and back to MLflow
@@ -115,6 +119,15 @@ def test_demo_evaluates_base_and_finetuned_reruns_from_cache_and_reruns_only_wha
     fourth = pipeline(config=CONFIG, overrides=quick + ["train.set.optimizer.learning_rate=5e-3"], work_dir=work)
     assert {task for task, how in fourth["tasks"].items() if how == "ran"} == {"squad-base", "squad-finetuned"}
     assert fourth["metrics"] == third["metrics"]
+
+
+def _prefect_task_run_names(flow_run_id: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [run.name for run in runs]
 
 
 def _prefect_artifacts() -> dict[str, str]:
