@@ -68,6 +68,6 @@ def build_network(config: TrainConfig) -> Network:
 def recompute_layers(model: LlamaForCausalLM) -> None:
     """Keep only each decoder layer's input for the backward pass and compute the rest again there (after LoRA
     wraps the layers' Linears, so that the adapters are recomputed too). Keyed dropout draws the same masks
-    again, so the step's result is unchanged."""
+    again, so the step computes the same values, up to the order of its float sums."""
     for layer in model.model.layers:
         layer.recompute()
