@@ -45,6 +45,15 @@ def processes(tmp_path):
 
 
 @pytest.fixture
+def graphs_never_fit(monkeypatch):
+    """Call it to make every model built after it run eagerly, as one whose compiled graphs would not fit
+    (llama.device): it asks for more memory than any machine has free."""
+    import llama.device
+
+    return lambda: monkeypatch.setattr(llama.device, "GRAPH_EXTRA_PER_WEIGHT_BYTE", 1e15)
+
+
+@pytest.fixture
 def compiles(monkeypatch) -> list:
     """A list that gains an entry each time MindSpore compiles a graph (its `_check_recompile` hook, called only
     when it is about to compile): tests clear it and check that warm or reused graphs compile nothing."""

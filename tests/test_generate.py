@@ -126,8 +126,8 @@ def test_stories260K_reproduces_the_published_greedy_sample(fixtures, tok512):
     assert tokenizer.decode(ids) == (fixtures / "stories260K_greedy.txt").read_text().rstrip("\n")
 
 
-def test_a_model_whose_graphs_would_not_fit_runs_eagerly_with_the_same_results(hf_dir, prompts, monkeypatch, capsys):
-    import llama.device
+def test_a_model_whose_graphs_would_not_fit_runs_eagerly_with_the_same_results(hf_dir, prompts, graphs_never_fit,
+                                                                               capsys):
     from llama.eval.perplexity import TokenNLL
 
     ids = np.load(hf_dir / "input_ids.npy").astype(np.int32)
@@ -136,7 +136,7 @@ def test_a_model_whose_graphs_would_not_fit_runs_eagerly_with_the_same_results(h
     expected_nll = TokenNLL(compiled, rows=2)(ids[:, :-1], ids[:, 1:])
     assert "running eagerly" not in capsys.readouterr().err
 
-    monkeypatch.setattr(llama.device, "GRAPH_EXTRA_PER_WEIGHT_BYTE", 1e15)   # no machine has that much free
+    graphs_never_fit()
     eager = load_checkpoint(hf_dir)[0]
     assert generate(eager, prompts, max_new_tokens=6, eos_id=None) == expected_ids
     np.testing.assert_allclose(TokenNLL(eager, rows=2)(ids[:, :-1], ids[:, 1:]), expected_nll, rtol=1e-5, atol=1e-6)

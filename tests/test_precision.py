@@ -17,7 +17,7 @@ from llama.train.trainer import train
 from llama.weights.mindspore_ckpt import read_ckpt_index
 from llama.weights.source import open_checkpoint
 from llama.weights.writer import write_checkpoint
-from train_support import tiny_config
+from train_support import assert_recompute_changes_only_rounding, tiny_config
 
 NP = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
 LORA = {"type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": "wq|wv"}
@@ -113,3 +113,11 @@ def test_lora_from_a_half_checkpoint_trains_float32_adapters_and_merges_into_its
     assert {e.dtype for e in merged.values()} == {NP[dtype]}
     changed = {name for name, entry in merged.items() if not np.array_equal(entry.read(), original[name].read())}
     assert changed and all(name.split(".")[-2] in ("wq", "wv") for name in changed)
+
+
+@pytest.mark.slow
+def test_recompute_on_a_half_base_changes_only_rounding(half_base, wiki_records, tmp_path):
+    """LoRA with dropout on a bf16 or fp16 base, as HF ships weights, with and without training.recompute."""
+    base, _ = half_base
+    assert_recompute_changes_only_rounding(
+        _config(base, wiki_records, {**LORA, "lora_dropout": 0.1}, checkpoint={"save_steps": 3}), tmp_path)

@@ -10,8 +10,7 @@ from llama.config.train import TrainConfig, load_train_config
 from llama.errors import PipelineError
 from llama.train.schedule import learning_rate
 from llama.train.trainer import train
-from llama.weights.mindspore_ckpt import read_ckpt_index
-from train_support import tiny_config
+from train_support import assert_recompute_changes_only_rounding, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -237,30 +236,14 @@ ADAPTERS = {"full": {"type": "none"},
 @pytest.mark.parametrize("kind, eager", [("full", False), ("lora", False), ("prefix", False), ("lora", True)],
                          ids=["full", "lora", "prefix", "lora-eager"])
 def test_recomputed_layers_train_to_the_same_weights(kind, eager, alpaca_records, base_checkpoint, tmp_path,
-                                                     monkeypatch):
-    """training.recompute changes where the backward pass gets activations, not the step: the same losses and
-    weights, dropout masks included, up to float rounding (the recomputed graph sums gradients in another
-    order; AdamW's first steps, about lr * sign(gradient), carry that to about 1e-5 of a weight). Eagerly too,
-    as a model runs where its compiled graphs would not fit (llama.device)."""
+                                                     graphs_never_fit):
+    """training.recompute changes where the backward pass gets activations, not the step, dropout masks
+    included; eagerly too, as a model runs where its compiled graphs would not fit (llama.device)."""
     if eager:
-        import llama.device
-
-        monkeypatch.setattr(llama.device, "GRAPH_EXTRA_PER_WEIGHT_BYTE", 1e15)   # no machine has that much free
-    runs = {}
-    for recompute in (False, True):
-        run = tmp_path / f"recompute_{recompute}"
-        train(tiny_config(run_mode="finetune", model={"checkpoint": str(base_checkpoint)}, pet=ADAPTERS[kind],
-                          data={"train": str(alpaca_records), "batch_size": 2},
-                          training={"max_steps": 3, "recompute": recompute}, checkpoint={"save_steps": 3}), run)
-        losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-        weights = read_ckpt_index(run / "rank_0/step_00000003/weights.ckpt")
-        runs[recompute] = losses, {name: entry.read() for name, entry in weights.items()}
-    (losses, weights), (recomputed_losses, recomputed_weights) = runs[False], runs[True]
-    assert len(losses) == 3 and recomputed_losses == pytest.approx(losses, rel=1e-5)
-    assert recomputed_weights.keys() == weights.keys()
-    for name, weight in weights.items():
-        np.testing.assert_allclose(recomputed_weights[name], weight, rtol=0, atol=1e-4 * np.abs(weight).max(),
-                                   err_msg=name)
+        graphs_never_fit()
+    assert_recompute_changes_only_rounding(tiny_config(
+        run_mode="finetune", model={"checkpoint": str(base_checkpoint)}, pet=ADAPTERS[kind],
+        data={"train": str(alpaca_records), "batch_size": 2}, checkpoint={"save_steps": 3}), tmp_path)
 
 
 def test_resume_takes_a_setting_newer_than_the_run_as_its_default(tmp_path):
