@@ -2,7 +2,6 @@
 refusing a recipe that does not fit before it loads anything."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,12 +52,19 @@ def test_sizes_parse_binary_and_decimal_units():
     assert parse_size("64GiB") == 64 * GiB and parse_size("24GB") == 24 * 10 ** 9 and parse_size("512") == 512
 
 
+# Runs a command and prints its peak RSS in KiB (wait4). Through this small process, because Linux starts a
+# child's high-water mark at its parent's, kept across exec: a command started by pytest itself, whose earlier
+# tests held MindSpore models, would report pytest's peak.
+_MEASURE_PEAK = ("import os, subprocess, sys; child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
+                 "_, status, usage = os.wait4(child.pid, 0); print(usage.ru_maxrss); "
+                 "sys.exit(os.waitstatus_to_exitcode(status))")
+
+
 def _peak_rss(args: list[str], cwd: Path) -> int:
-    """Peak RSS in bytes of one child process (wait4 reports that child's own high-water mark)."""
-    process = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, process.stderr.read().decode()
-    return usage.ru_maxrss * 1024
+    """Peak RSS in bytes of the process running `args`."""
+    measured = subprocess.run([sys.executable, "-c", _MEASURE_PEAK, *args], cwd=cwd, capture_output=True, text=True)
+    assert measured.returncode == 0, measured.stderr
+    return int(measured.stdout) * 1024
 
 
 @pytest.mark.slow
