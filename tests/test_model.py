@@ -1,12 +1,18 @@
 """The MindSpore Llama against transformers' and MindFormers' own outputs (bundled reference fixtures)."""
 
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import mindspore as ms
 
 from llama.config.model import ModelConfig
 from llama.errors import PipelineError
-from llama.model import LlamaForCausalLM, apply_rotary, rotary_tables, softmax_last_axis, swap_axes_1_2
+from llama.model import (LlamaForCausalLM, apply_rotary, rotary_tables, softmax_last_axis, swap_axes_1_2,
+                         swap_halves)
 from llama.weights.load import load_checkpoint, params_source
 
 
@@ -56,6 +62,64 @@ def test_swap_axes_1_2_and_its_gradient_are_the_transposes_they_replace():
         return (swap_axes_1_2(t) * ms.Tensor(weight)).sum()
 
     np.testing.assert_allclose(ms.jit(ms.grad(weighted_sum))(ms.Tensor(x)).asnumpy(), weight.transpose(0, 2, 1, 3))
+
+
+def test_swap_halves_gradient_swaps_the_halves_back():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 5, 8)).astype(np.float32)
+    weight = rng.standard_normal((2, 3, 5, 8)).astype(np.float32)
+    swapped = np.concatenate([x[..., 4:], x[..., :4]], -1)
+    np.testing.assert_array_equal(ms.jit(swap_halves)(ms.Tensor(x)).asnumpy(), swapped)
+
+    def weighted_sum(t):
+        return (swap_halves(t) * ms.Tensor(weight)).sum()
+
+    expected = np.concatenate([weight[..., 4:], weight[..., :4]], -1)
+    np.testing.assert_array_equal(ms.jit(ms.grad(weighted_sum))(ms.Tensor(x)).asnumpy(), expected)
+
+
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "RealDiv", "Maximum", "Minimum", "SigmoidGrad", "SiLUGrad", "RsqrtGrad"}
+SCALAR_OPERAND_KEEPS_NO_TABLE = {"Mul", "RealDiv"}   # measured here (Div's keeps one)
+LARGE = 100_000   # elements: the step below has hidden states of 131,072 and attention scores of 262,144
+# Builds a tiny model's training step at 4 x 128 tokens and lets MindSpore write the kernels it compiled.
+_COMPILE_TRAINING_STEP = """
+import numpy as np
+from llama.config.model import ModelConfig
+from llama.config.train import OptimizerSection
+from llama.model import LlamaForCausalLM
+from llama.train.step import Stepper
+model = LlamaForCausalLM(ModelConfig.named("tiny").replace(num_kv_heads=2))
+model.set_train(True)
+rows = np.random.default_rng(0).integers(3, 32000, (4, 129), dtype=np.int32)
+Stepper(model, 0, OptimizerSection(learning_rate=1e-4), 1.0, 1, 1).step([(rows, rows)], 1e-4, 1.0)
+"""
+
+
+def test_training_graph_runs_no_kernel_that_keeps_an_index_table(tmp_path):
+    """MindSpore's CPU Transpose keeps 8 bytes per element, and an elementwise kernel whose operands differ in
+    shape 16, for the life of the graph (llama/model.py: broadcast_for, SwapAxes12, SwapHalves, probs_matmul):
+    at SmolLM2-135M's shape those tables took 1.3 GB of a full-finetune step. Read from the kernels MindSpore
+    compiled for a training step."""
+    env = dict(os.environ, MS_DEV_SAVE_GRAPHS="2", MS_DEV_SAVE_GRAPHS_PATH=str(tmp_path / "ir"))
+    subprocess.run([sys.executable, "-c", _COMPILE_TRAINING_STEP], env=env, check=True, capture_output=True)
+    [kernels] = (tmp_path / "ir" / "actor_set").glob("final_actor_set_*.ir")
+    launched, mixed_shapes = [], []
+    kernel = None
+    for line in kernels.read_text().splitlines():
+        if match := re.match(r"%\d+ = kernel_graph[\d-]*:(\w+)-op\d+", line):
+            kernel = match.group(1)
+            launched.append(kernel)
+        elif kernel and line.strip().startswith("# shape"):
+            inputs, outputs = line.split("->")
+            shapes = [tuple(int(d) for d in s.split(",") if d.strip()) for s in re.findall(r"<\(([\d, ]*)\)>", inputs)]
+            size = max((int(np.prod(s)) for s in shapes), default=0)
+            scalar_ok = kernel in SCALAR_OPERAND_KEEPS_NO_TABLE and () in shapes
+            if kernel in ELEMENTWISE and len(set(shapes)) > 1 and size >= LARGE and not scalar_ok:
+                mixed_shapes.append((kernel, shapes))
+            kernel = None
+    assert "MatMul" in launched and "Softmax" in launched and "AdamWeightDecay" in launched
+    assert "Transpose" not in launched
+    assert not mixed_shapes
 
 
 def test_softmax_and_its_explicitly_broadcast_gradient_equal_mindspores_own():
