@@ -233,7 +233,7 @@ class Attention(nn.Cell):
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)   # q @ k.T without materialising k.T
         # probs @ v: BatchMatMul's gradient multiplies with transposed operands in place, where `ops.matmul`'s
         # transposes probs and v first, each transpose keeping an index table for the life of a training graph
-        # (see SwapAxes12): 41 MB a layer of SmolLM2-135M at 4 x 256 tokens.
+        # (see SwapAxes12): 41 MiB a layer of SmolLM2-135M at 4 x 256 tokens.
         self.probs_matmul = ops.BatchMatMul()
         self.write_cache = ops.ScatterUpdate()
 
