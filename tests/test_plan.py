@@ -103,15 +103,15 @@ def test_plan_command_reports_the_seed_recipe_on_64gib_devices(capsys):
 
 @pytest.mark.slow
 def test_recompute_lowers_the_measured_peak_by_what_the_plan_says(alpaca_records, tmp_path):
-    """Eight tiny layers over rows of 384 tokens, where activations outweigh the weights: `training.recompute`
-    must save at least half the activation memory the plan says it saves."""
+    """Eight tiny layers over batches of 8 rows of 384 tokens, where activations outweigh the weights:
+    `training.recompute` must save at least half the activation memory the plan says it saves."""
     model = tmp_path / "tiny8.yaml"
     model.write_text((REPO / "configs/model/tiny.yaml").read_text().replace("num_layers: 2", "num_layers: 8"))
     exe = Path(sys.executable).parent / "llama2-pipeline"
     peaks, plans = {}, {}
     for recompute in ("false", "true"):
         overrides = [f"data.train={alpaca_records}", f"model.config={model}", "training.max_steps=2",
-                     f"training.recompute={recompute}"]
+                     "data.batch_size=8", f"training.recompute={recompute}"]
         peaks[recompute] = _peak_rss([str(exe), "train", "--config", str(RECIPES / "tiny_pretrain.yaml"),
                                       "--output-dir", str(tmp_path / recompute), *overrides], tmp_path)
         planned = subprocess.run([str(exe), "plan", "--config", str(RECIPES / "tiny_pretrain.yaml"), "--json",

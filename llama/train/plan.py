@@ -9,7 +9,7 @@ Per device, for the recipe's data x model x pipeline parallel layout (the worst 
 - weight casts: a compute-dtype copy of every weight stored in another dtype (the backward pass keeps it);
 - gradients and optimizer states: float32 for each trainable parameter (AdamW: two moments);
 - activations: what the backward pass keeps of one micro-batch through every layer (counted from the tensors
-  llama/model.py saves: the norms, q/k/v before and after the rotary embedding, the attention scores and
+  llama/model.py saves: the norms, q/k/v before and after the rotary embedding, the attention
   probabilities, the SwiGLU's three intermediates), with and without recomputation (`training.recompute`:
   then only each layer's input plus one layer's full set; the total counts the recipe's choice); 1F1B
   pipelining keeps min(pipeline_stage, micro_batch_num) micro-batches in flight on the first stage, so
@@ -117,7 +117,10 @@ def layer_activation_bytes(model: ModelConfig, rows: int, seq: int, compute_byte
     kv_width = model.num_kv_heads * model.head_dim
     replicated = tokens * compute_bytes * 6 * hidden         # norm inputs/outputs (2 norms), residual, input
     sharded = tokens * compute_bytes * (2 * hidden + 3 * kv_width + hidden + 4 * ffn + lora_inputs)
-    scores = rows * model.num_heads * seq * seq * (4 + 4 + compute_bytes)   # scores, probs fp32, probs cast
+    # the probabilities in float32 (softmax's and probs @ v's gradients read them), and their cast to a 16-bit
+    # compute dtype; nothing else of the scores' size (measured: at equal tokens, 4 x 256 and 8 x 128 rows of
+    # SmolLM2-135M's width cost a layer the same)
+    scores = rows * model.num_heads * seq * seq * (4 + (compute_bytes if compute_bytes != 4 else 0))
     return replicated + (sharded + scores) // model_parallel
 
 
