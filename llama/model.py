@@ -149,19 +149,23 @@ def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[np.n
 HALVES_SWAPPED = Tensor(np.array([1, 0], np.int32))   # gather order of a head's two halves
 
 
-class SwapHalves(nn.Cell):
-    """[..., D] -> concat(x[D/2:], x[:D/2]) as one gather of contiguous half rows: slices and a concat would
-    be three kernels, and a matmul by the permutation costs about four times as much for a decoding step. Its
-    gradient swaps the halves back, another such gather: MindSpore's own gradient of a gather along an inner
-    axis transposes twice, each transpose keeping an index table for the life of a training graph (see
+class SelfInverseReorder(nn.Cell):
+    """A reorder of elements by one gather that undoes itself, so its gradient is the same gather of dout.
+    MindSpore's own gradient of a gather keeps several times the tensor's size in a training graph, or, along
+    an inner axis, transposes twice, each transpose keeping an index table for the graph's life (see
     SwapAxes12)."""
+
+    def bprop(self, x, out, dout):
+        return (self.construct(dout),)
+
+
+class SwapHalves(SelfInverseReorder):
+    """[..., D] -> concat(x[D/2:], x[:D/2]) as one gather of contiguous half rows: slices and a concat would
+    be three kernels, and a matmul by the permutation costs about four times as much for a decoding step."""
 
     def construct(self, x):
         half = x.shape[-1] // 2
         return ops.gather(x.reshape(x.shape[:-1] + (2, half)), HALVES_SWAPPED, x.ndim - 1).reshape(x.shape)
-
-    def bprop(self, x, out, dout):
-        return (self.construct(dout),)
 
 
 swap_halves = SwapHalves()
@@ -174,21 +178,17 @@ def _swapped_rows(a: int, c: int) -> Tensor:
     return Tensor(((out % a) * c + out // a).astype(np.int32))
 
 
-class SwapAxes12(nn.Cell):
+class SwapAxes12(SelfInverseReorder):
     """[B, A, C, D] -> [B, C, A, D] (a (0, 2, 1, 3) transpose) as one gather of whole D-rows by a constant order
     of A*C entries. MindSpore's CPU Transpose kernel keeps an index table of 8 bytes per element for the life
-    of the compiled graph, one per transpose of every layer; this gather keeps none, and runs as fast. Its
-    gradient is the inverse reorder, another such gather: MindSpore's own gradient of a gather would keep about
-    four times the tensor's size per op in a training graph."""
+    of the compiled graph, one per transpose of every layer; this gather keeps none, and runs as fast. Applied
+    to the [B, C, A, D] result it swaps the axes back."""
 
     def construct(self, x):
         batch, a, c, d = x.shape
         if a == 1 or c == 1:
             return x.reshape(batch, c, a, d)   # the same order of elements (a decoding step's one token)
         return ops.gather(x.reshape(batch, a * c, d), _swapped_rows(a, c), 1).reshape(batch, c, a, d)
-
-    def bprop(self, x, out, dout):
-        return (self.construct(dout),)
 
 
 swap_axes_1_2 = SwapAxes12()
